@@ -1,0 +1,293 @@
+"""``ContextEncoder``: any timm backbone → bottleneck → up-convolution decoder → the missing pixels (§3)."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+
+from . import backbones as _backbones  # noqa: F401  (registers alexnet, alexnet_poolfree, dcgan_encoder)
+from .layers import ChannelWiseFC, UpConvDecoder, num_upconvs
+
+__all__ = ["ContextEncoder", "IncompatibleCheckpointError", "UnknownBackboneError", "resolve_backbone_name"]
+
+BOTTLENECKS = ("channel-fc", "fc")
+
+
+class UnknownBackboneError(ValueError):
+    """The backbone name is not a timm architecture."""
+
+
+class IncompatibleCheckpointError(RuntimeError):
+    """A checkpoint's tensors do not match the model built from its configuration."""
+
+
+def resolve_backbone_name(name: str) -> str:
+    """Check that ``name`` is a timm architecture (a ``.tag`` suffix is allowed); suggest close names if not."""
+    arch = name.split(".", 1)[0]
+    if timm.is_model(arch):
+        return name
+    names = timm.list_models()
+    close = difflib.get_close_matches(arch, names, n=5, cutoff=0.6)
+    close += [n for n in names if arch and arch in n and n not in close][: 5 - len(close)]
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models() for the available names"
+    raise UnknownBackboneError(f"unknown backbone {name!r}: not a timm model{hint}")
+
+
+class Encoder(nn.Module):
+    """A timm model cut after its last feature stage: images → feature map ``[B, C, h, w]``.
+
+    Built with ``num_classes=0`` and :meth:`prune_intermediate_layers`, so its state-dict keys are the timm
+    model's own (minus the head): the encoder exports straight back to timm and to the transfer adapters.
+    """
+
+    def __init__(self, name: str, pretrained: bool = False, in_chans: int = 3, **kwargs):
+        super().__init__()
+        self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, in_chans=in_chans, **kwargs)
+        if not hasattr(self.model, "forward_intermediates") or not hasattr(self.model, "prune_intermediate_layers"):
+            raise ValueError(
+                f"backbone {name!r} does not implement timm's forward_intermediates(), so its feature map cannot "
+                "be taken; choose a timm CNN or ViT that does"
+            )
+        # prune_norm: a final norm unused by forward_intermediates would be an unused parameter under DDP
+        self.model.prune_intermediate_layers(indices=1, prune_norm=True, prune_head=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``[B, C, H, W]`` → ``[B, C', h, w]``."""
+        return self.model.forward_intermediates(x, indices=1, intermediates_only=True, output_fmt="NCHW")[-1]
+
+
+class ContextEncoder(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="ce-pretrain",
+    tags=["context-encoder", "self-supervised", "inpainting", "image-feature-extraction"],
+    license="mit",
+    paper_url="https://arxiv.org/abs/1604.07379",
+    pipeline_tag="image-feature-extraction",
+):
+    """Context encoder (Pathak et al., CVPR 2016): predicts the dropped pixels of an image from their context.
+
+    ``pred = model(images, mask)`` with images ``[B, 3, H, W]`` in [0, 1] and a boolean mask ``[B, 1, H, W]``
+    (True = dropped). The model normalises the images with ``mean``/``std``, fills the dropped pixels with the
+    dataset mean ("the missing region in the masked input image is filled with constant mean value", §4), encodes
+    them with the timm ``backbone``, and decodes the prediction, returned in [0, 1] pixel units (unclamped).
+
+    Two bottlenecks join encoder and decoder:
+
+    * ``"channel-fc"`` (feature learning, §3.1): :class:`~ce_pretrain.layers.ChannelWiseFC` with dropout
+      ``dropout``, then a stride-1 1×1 convolution across channels.
+    * ``"fc"`` (semantic inpainting, §5.1): a convolution over the whole feature map to ``bottleneck_dim`` units
+      (4000 in the paper), BatchNorm and LeakyReLU(0.2).
+
+    The prediction covers the whole image, or with ``pred_size`` the central ``pred_size``² square (the
+    inpainting preset predicts the 64×64 centre of a 128×128 image; its hole is that square shrunk by
+    ``overlap`` px, so the prediction overlaps the context by ``overlap`` px).
+
+    Args:
+        backbone: any timm architecture name (``"alexnet"``, ``"resnet50"``, ``"convnext_atto"``...).
+        image_size: side of the square input.
+        pred_size: side of the central predicted square; ``None`` predicts the whole image.
+        overlap: context band (px) covered by the prediction around a central hole (§5.1: 7).
+        bottleneck: ``"channel-fc"`` or ``"fc"``.
+        bottleneck_dim: units of the ``"fc"`` bottleneck.
+        dropout: dropout on the channel-wise fully-connected layer (§5.2: 0.5).
+        decoder_channels: channels of each up-convolution; ``None`` derives five-ish halving widths.
+        mean: per-channel dataset mean in [0, 1] (also the fill of dropped pixels).
+        std: per-channel dataset std in [0, 1].
+        pretrained_backbone: start from timm's pretrained weights (downloads; the paper trains from scratch).
+        backbone_kwargs: extra keyword arguments for ``timm.create_model`` (e.g. ``drop_path_rate``).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "alexnet",
+        image_size: int = 227,
+        pred_size: int | None = None,
+        overlap: int = 0,
+        bottleneck: str = "channel-fc",
+        bottleneck_dim: int = 4000,
+        dropout: float = 0.5,
+        decoder_channels: Sequence[int] | None = None,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        pretrained_backbone: bool = False,
+        backbone_kwargs: dict | None = None,
+    ):
+        super().__init__()
+        resolve_backbone_name(backbone)
+        if bottleneck not in BOTTLENECKS:
+            raise ValueError(f"bottleneck must be one of {BOTTLENECKS}, got {bottleneck!r}")
+        if pred_size is not None and not 0 < pred_size <= image_size:
+            raise ValueError(f"pred_size must be in 1..image_size={image_size}, got {pred_size}")
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError("mean and std need one value per RGB channel")
+        self.backbone_name = backbone
+        self.image_size = image_size
+        self.pred_size = pred_size or image_size
+        self.overlap = overlap
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float).view(1, 3, 1, 1), persistent=False)
+
+        self.encoder = Encoder(backbone, pretrained=pretrained_backbone, **(backbone_kwargs or {}))
+        with torch.no_grad():  # the feature map's size, from one tiny forward
+            was_training = self.encoder.training
+            feat = self.encoder.eval()(torch.zeros(1, 3, image_size, image_size))
+            self.encoder.train(was_training)
+        _, channels, fh, fw = feat.shape
+        self.feature_channels, self.feature_size = channels, (fh, fw)
+
+        if bottleneck == "channel-fc":
+            width = (decoder_channels or [min(channels, 256)])[0]
+            self.bottleneck = nn.Sequential(
+                ChannelWiseFC(channels, fh, fw),
+                nn.Dropout(dropout),
+                nn.Conv2d(channels, width, 1, bias=False),  # the stride-1 convolution across channels
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+            )
+            start, n_up = (fh, fw), num_upconvs(fh, self.pred_size)
+        else:
+            width = bottleneck_dim
+            self.bottleneck = nn.Sequential(
+                nn.Conv2d(channels, bottleneck_dim, (fh, fw), bias=False),
+                nn.BatchNorm2d(bottleneck_dim),
+                nn.LeakyReLU(0.2, inplace=True),
+            )
+            start, n_up = (1, 1), 1 + num_upconvs(4, self.pred_size)
+        if decoder_channels is None:
+            top = 512 if bottleneck == "fc" else width
+            decoder_channels = [max(32, top // 2**i) for i in range(n_up)]
+        self.decoder = UpConvDecoder(width, start, (self.pred_size, self.pred_size), list(decoder_channels))
+
+    # ----------------------------------------------------------------------------------------------- pipeline
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixels → the backbone's zero-centred input space."""
+        return (images - self.mean) / self.std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The zero-centred space → [0, 1] pixels."""
+        return x * self.std + self.mean
+
+    def mask_input(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Normalise and fill the dropped pixels with the dataset mean (0 once normalised): ``[B, 3, H, W]``."""
+        x = self.normalize(images)
+        return x.masked_fill(mask, 0.0)
+
+    def encode(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder features of the (masked) images: ``[B, 3, H, W]`` → ``[B, C, h, w]``."""
+        self._check_inputs(images, mask)
+        x = self.normalize(images) if mask is None else self.mask_input(images, mask)
+        return self.encoder(x)
+
+    def decode(self, features: torch.Tensor) -> torch.Tensor:
+        """``[B, C, h, w]`` → prediction in [0, 1] pixels ``[B, 3, pred_size, pred_size]``."""
+        return self.denormalize(self.decoder(self.bottleneck(features)))
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """images ``[B, 3, H, W]`` in [0, 1], mask bool ``[B, 1, H, W]`` → ``[B, 3, pred_size, pred_size]``."""
+        return self.decode(self.encode(images, mask))
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    @property
+    def pred_box(self) -> tuple[int, int, int, int]:
+        """``(top, left, height, width)`` of the predicted region within the image."""
+        off = (self.image_size - self.pred_size) // 2
+        return off, off, self.pred_size, self.pred_size
+
+    def crop(self, x: torch.Tensor) -> torch.Tensor:
+        """The predicted region of an image-sized tensor ``[B, C, H, W]`` → ``[B, C, pred_size, pred_size]``."""
+        top, left, h, w = self.pred_box
+        return x[..., top: top + h, left: left + w]
+
+    def paste(self, pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Put the prediction back into the images; with a mask, only dropped pixels change: ``[B, 3, H, W]``."""
+        top, left, h, w = self.pred_box
+        full = images.clone()
+        full[..., top: top + h, left: left + w] = pred.to(images.dtype)
+        return full if mask is None else torch.where(mask, full, images)
+
+    def default_mask_kind(self) -> str:
+        """Centre masks for centre predictions; random regions otherwise (the paper's defaults)."""
+        return "center" if self.pred_size < self.image_size else "random-region"
+
+    def _check_inputs(self, images: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W], got {list(images.shape)}")
+        if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
+            raise ValueError(
+                f"this model takes {self.image_size}×{self.image_size} images, got "
+                f"{images.shape[-2]}×{images.shape[-1]}; resize or crop them first"
+            )
+        if mask is not None:
+            if mask.dtype != torch.bool:
+                raise TypeError(f"mask must be a bool tensor (True = dropped), got {mask.dtype}")
+            if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[0] != images.shape[0] \
+                    or mask.shape[-2:] != images.shape[-2:]:
+                raise ValueError(f"mask must be [B, 1, H, W] = {[images.shape[0], 1, *images.shape[-2:]]}, "
+                                 f"got {list(mask.shape)}")
+
+    # ------------------------------------------------------------------------------------------ Hub loading
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        map_location: str = "cpu",
+        strict: bool = True,
+        **model_kwargs,
+    ) -> ContextEncoder:
+        """Build the model from ``config.json`` and load ``model.safetensors`` strictly (see :meth:`load_weights`)."""
+        model = cls(**model_kwargs)
+        if os.path.isdir(model_id):
+            weights = Path(model_id) / constants.SAFETENSORS_SINGLE_FILE
+            if not weights.is_file():
+                raise FileNotFoundError(f"{model_id!r} has no {constants.SAFETENSORS_SINGLE_FILE}; is it a "
+                                        "directory written by save_pretrained?")
+        else:
+            weights = hf_hub_download(
+                repo_id=model_id, filename=constants.SAFETENSORS_SINGLE_FILE, revision=revision,
+                cache_dir=cache_dir, force_download=force_download, token=token, local_files_only=local_files_only,
+            )
+        model.load_weights(weights, strict=strict, map_location=map_location)
+        model.eval()
+        return model
+
+    def load_weights(self, path: str | Path, strict: bool = True, map_location: str = "cpu") -> None:
+        """Load a safetensors state dict; with ``strict``, any missing, unexpected or mis-shaped tensor fails.
+
+        Raises:
+            IncompatibleCheckpointError: naming the tensors that do not fit this architecture.
+        """
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device=map_location)
+        own = self.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        shapes = [f"{k}: checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}"
+                  for k in own if k in state and state[k].shape != own[k].shape]
+        if shapes or (strict and (missing or unexpected)):
+            def head(items: list[str]) -> str:
+                return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+
+            parts = [f"{len(missing)} missing ({head(missing)})" if missing else "",
+                     f"{len(unexpected)} unexpected ({head(unexpected)})" if unexpected else "",
+                     f"{len(shapes)} of another shape ({head(shapes)})" if shapes else ""]
+            raise IncompatibleCheckpointError(
+                f"checkpoint {str(path)!r} does not fit ContextEncoder(backbone={self.backbone_name!r}, "
+                f"image_size={self.image_size}): " + "; ".join(p for p in parts if p)
+            )
+        self.load_state_dict(state, strict=strict)
