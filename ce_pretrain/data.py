@@ -1,0 +1,302 @@
+"""Training images: folders, Hugging Face datasets, and the built-in sample of real photographs.
+
+Every source yields uint8 crops ``[3, S, S]``; the training script turns them into floats on the device (a quarter
+of the bytes to move). Augmentation randomness is a pure function of ``(seed, epoch, index)``, so a resumed run sees
+exactly the crops an uninterrupted one would, whatever the number of loader workers.
+
+Bad files never stop a run: an unreadable, truncated, empty or non-image file is replaced by the next good image
+of the dataset and reported (the caller counts them); grayscale, RGBA, CMYK, palette and 16-bit images are
+converted to RGB, and images smaller than the crop are upscaled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import os
+import random
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "DataSourceError",
+    "EpochSampler",
+    "ImageDataset",
+    "collate",
+    "list_images",
+    "load_rgb",
+    "open_source",
+    "random_crop",
+    "resize_shorter",
+    "sample_images",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# real photographs shipped inside packages the project depends on: (package, path inside it)
+_SAMPLES = [
+    ("skimage", "data/astronaut.png"), ("skimage", "data/brick.png"), ("skimage", "data/camera.png"),
+    ("skimage", "data/chelsea.png"), ("skimage", "data/coffee.png"), ("skimage", "data/coins.png"),
+    ("skimage", "data/grass.png"), ("skimage", "data/gravel.png"), ("skimage", "data/hubble_deep_field.jpg"),
+    ("skimage", "data/moon.png"), ("skimage", "data/motorcycle_left.png"), ("skimage", "data/motorcycle_right.png"),
+    ("skimage", "data/retina.jpg"), ("skimage", "data/rocket.jpg"),
+    ("sklearn", "datasets/images/china.jpg"), ("sklearn", "datasets/images/flower.jpg"),
+    ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+]
+
+
+class DataSourceError(ValueError):
+    """The data source is missing, empty or unreadable as a whole."""
+
+
+def sample_images() -> list[Path]:
+    """The built-in demo set: real photographs bundled with scikit-image, scikit-learn and matplotlib."""
+    found = []
+    for package, rel in _SAMPLES:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        path = Path(next(iter(spec.submodule_search_locations))) / rel
+        if path.is_file():
+            found.append(path)
+    if not found:
+        raise DataSourceError("no built-in sample images found; install scikit-image, or pass --data FOLDER")
+    return found
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """All image files under ``folder``, recursively, sorted (so every process sees the same order)."""
+    root = Path(folder)
+    if not root.exists():
+        raise DataSourceError(f"data folder {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise DataSourceError(f"--data {str(root)!r} is not a folder")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise DataSourceError(f"data folder {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode → 8-bit RGB; 16-bit and float images are rescaled rather than clipped."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (124, 116, 104, 255))  # transparent pixels become mean grey
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def load_rgb(source: str | os.PathLike | Image.Image, min_side: int | None = None) -> Image.Image:
+    """Open an image file (or take a PIL image) as RGB.
+
+    Args:
+        source: a path or a PIL image.
+        min_side: when given, large JPEGs are decoded at reduced scale, but never below this shorter side.
+
+    Raises:
+        OSError, UnidentifiedImageError, ValueError: the file is not a readable image.
+    """
+    if isinstance(source, Image.Image):
+        return _to_rgb(source)
+    with Image.open(source) as img:
+        if min_side is not None and img.format == "JPEG":
+            scale = min(img.size) / min_side
+            if scale >= 2:  # DCT-domain downscaling: much faster decodes of large photos
+                img.draft("RGB", (math.ceil(img.size[0] / scale), math.ceil(img.size[1] / scale)))
+        img.load()
+        return _to_rgb(img)
+
+
+def resize_shorter(img: Image.Image, load_size: int, size: int) -> Image.Image:
+    """Scale so the shorter side is ``load_size`` and neither side is below ``size`` (small images grow)."""
+    w, h = img.size
+    scale = load_size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    return img if (nw, nh) == (w, h) else img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
+
+
+def random_crop(img: Image.Image, size: int, load_size: int, rng: random.Random, flip: bool = True) -> np.ndarray:
+    """Resize the shorter side to ``load_size`` (≥ ``size``; upscaling small images), random-crop ``size``², flip.
+
+    Returns:
+        uint8 ``[3, size, size]``.
+    """
+    img = resize_shorter(img, load_size, size)
+    nw, nh = img.size
+    left, top = rng.randint(0, nw - size), rng.randint(0, nh - size)
+    img = img.crop((left, top, left + size, top + size))
+    if flip and rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def _sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return random.Random(int.from_bytes(digest, "little"))
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Random crops of a list of images (files, or rows of a map-style Hugging Face dataset).
+
+    Indexed by ``(epoch, index)`` pairs from :class:`EpochSampler`; returns ``(crop, bad)`` where ``crop`` is
+    uint8 ``[3, S, S]`` and ``bad`` lists the items that failed to load and were replaced by the next ones.
+
+    Args:
+        items: file paths, or a ``datasets.Dataset``.
+        image_size: crop side S.
+        load_size: shorter side before cropping (default ``round(1.13·S)``, the 256 → 227 ratio).
+        seed: augmentation seed.
+        image_column: column of a Hugging Face dataset holding the images.
+        cache: keep the decoded, resized images in memory (for small sets such as the demo photographs).
+    """
+
+    def __init__(self, items, image_size: int, load_size: int | None = None, seed: int = 0,
+                 image_column: str | None = None, cache: bool = False):
+        self.items = items
+        self.image_size = image_size
+        self.load_size = max(image_size, load_size or round(image_size * 256 / 227))
+        self.seed = seed
+        self.image_column = image_column
+        self._cache: dict[int, Image.Image] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _name(self, index: int) -> str:
+        return str(self.items[index]) if self.image_column is None else f"row {index}"
+
+    def _open(self, index: int) -> Image.Image:
+        if self._cache is not None:
+            if index not in self._cache:
+                self._cache[index] = resize_shorter(self._decode(index), self.load_size, self.image_size)
+            return self._cache[index]
+        return self._decode(index)
+
+    def _decode(self, index: int) -> Image.Image:
+        if self.image_column is None:
+            return load_rgb(self.items[index], min_side=self.load_size)
+        value = self.items[index][self.image_column]
+        if isinstance(value, dict) and value.get("bytes") is not None:
+            import io
+
+            value = Image.open(io.BytesIO(value["bytes"]))
+        elif isinstance(value, dict) and value.get("path"):
+            value = value["path"]
+        return load_rgb(value) if isinstance(value, Image.Image) else load_rgb(value, min_side=self.load_size)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
+        epoch, index = key
+        bad: list[str] = []
+        for attempt in range(len(self)):
+            i = (index + attempt) % len(self)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # PIL's EXIF/ICC chatter on odd files
+                    img = self._open(i)
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
+                bad.append(self._name(i))
+                continue
+            return random_crop(img, self.image_size, self.load_size, _sample_rng(self.seed, epoch, index)), bad
+        raise DataSourceError(f"none of the {len(self)} images could be read")
+
+
+def collate(batch: Sequence[tuple[np.ndarray, list[str]]]) -> tuple[torch.Tensor, list[str]]:
+    """``[(crop, bad), ...]`` → uint8 ``[B, 3, S, S]`` and the names of the files that were skipped."""
+    crops = torch.from_numpy(np.stack([b[0] for b in batch]))
+    return crops, [name for b in batch for name in b[1]]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Endless ``(epoch, index)`` stream: a fresh permutation per epoch (seeded), sharded across processes.
+
+    Position ``start`` (in samples of this process) lets a resumed run continue exactly where it stopped.
+
+    Args:
+        size: dataset length.
+        seed: shuffling seed.
+        rank: this process's index.
+        world_size: number of processes.
+        start: samples of this process already consumed.
+    """
+
+    def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0):
+        self.size, self.seed, self.rank, self.world_size, self.start = size, seed, rank, world_size, start
+        self.per_rank = math.ceil(size / world_size)
+
+    def _epoch(self, epoch: int) -> list[int]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)).tolist()
+        order += order[: self.per_rank * self.world_size - self.size]  # pad so every rank gets as many
+        return order[self.rank:: self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, offset = divmod(self.start, self.per_rank)
+        while True:
+            for index in self._epoch(epoch)[offset:]:
+                yield epoch, index
+            epoch, offset = epoch + 1, 0
+
+
+def _hf_image_column(ds) -> str:
+    from datasets import Image as HFImage
+
+    for name, feature in ds.features.items():
+        if isinstance(feature, HFImage):
+            return name
+    for name in ("image", "img", "pixel_values"):
+        if name in ds.features:
+            return name
+    raise DataSourceError(f"the dataset has no image column (columns: {', '.join(ds.features)})")
+
+
+def open_source(data: str | None, split: str = "train") -> tuple[object, str | None, str]:
+    """Resolve ``--data`` into ``(items, image_column, description)`` without building any model.
+
+    ``None`` is the built-in sample; an existing folder is searched for images, unless it is a dataset written by
+    ``datasets``' ``save_to_disk``; anything else is a Hugging Face dataset name.
+
+    Raises:
+        DataSourceError: with a one-line reason.
+    """
+    if data is None:
+        files = sample_images()
+        return files, None, f"built-in demo set: {len(files)} sample photographs (a small demo set, not for real runs)"
+    path = Path(data)
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        try:
+            from datasets import DatasetDict, load_from_disk
+        except ImportError as e:
+            raise DataSourceError("reading a saved dataset needs `pip install ce-pretrain[datasets]`") from e
+        ds = load_from_disk(str(path))
+        if isinstance(ds, DatasetDict):
+            if split not in ds:
+                raise DataSourceError(f"dataset {data!r} has no split {split!r} (splits: {', '.join(ds)})")
+            ds = ds[split]
+        if len(ds) == 0:
+            raise DataSourceError(f"dataset {data!r} is empty")
+        return ds, _hf_image_column(ds), f"Hugging Face dataset {data!r} ({split}): {len(ds)} images"
+    if path.exists() or os.sep in data or data.startswith("."):
+        files = list_images(path)
+        return files, None, f"image folder {data!r}: {len(files)} images"
+    try:
+        from datasets import load_dataset
+    except ImportError as e:
+        raise DataSourceError(f"{data!r} is no folder; Hugging Face datasets need `pip install "
+                              "ce-pretrain[datasets]`") from e
+    try:
+        ds = load_dataset(data, split=split)
+    except Exception as e:  # the datasets library raises many types; the message is what the user needs
+        raise DataSourceError(f"cannot load dataset {data!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    if len(ds) == 0:
+        raise DataSourceError(f"dataset {data!r} is empty")
+    return ds, _hf_image_column(ds), f"Hugging Face dataset {data!r} ({split}): {len(ds)} images"

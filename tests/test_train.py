@@ -1,0 +1,153 @@
+"""The training script end to end, run as users run it (subprocesses), on generated images."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from ce_pretrain import ContextEncoder
+from ce_pretrain.train import latest_checkpoint, main
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "ce_pretrain" / "train.py")
+TINY = ["--backbone", "resnet18", "--image-size", "64", "--batch-size", "4", "--num-workers", "0", "--log-every", "1"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def run(*args, check=True, launcher=(sys.executable,), timeout=300):
+    proc = subprocess.run([*launcher, SCRIPT, *args], capture_output=True, text=True, env=ENV, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def losses(out):
+    with open(out / "logs" / "ce_pretrain" / "metrics.csv") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+def test_short_run_learns_and_outputs_load_back(image_folder, tmp_path):
+    out = tmp_path / "run"
+    run("--data", str(image_folder), "--output-dir", str(out), "--max-steps", "12", "--lr", "1e-3",
+        "--checkpoint-every", "5", *TINY)
+    curve = losses(out)
+    assert len(curve) == 12
+    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3, curve
+    model = ContextEncoder.from_pretrained(str(out))
+    assert model.backbone_name == "resnet18" and model.image_size == 64
+    enc = timm.create_model(f"local-dir:{out / 'timm-encoder'}", pretrained=True, num_classes=3)
+    own = model.encoder.model.state_dict()
+    assert all(torch.equal(enc.state_dict()[k], v) for k, v in own.items())
+    assert (out / "samples" / "final.png").is_file() and (out / "samples" / "step_00000005.png").is_file()
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 12 and summary["skipped_files"] == [] and summary["images_per_second"] > 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000010", "step_00000012"]
+
+
+def test_killed_run_resumes_to_identical_weights(image_folder, tmp_path):
+    common = ["--data", str(image_folder), "--checkpoint-every", "2", "--seed", "7", *TINY]
+    ref = tmp_path / "ref"
+    run(*common, "--output-dir", str(ref), "--max-steps", "6")
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, SCRIPT, *common, "--output-dir", str(out), "--max-steps", "100000"],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while latest_checkpoint(out) is None or latest_checkpoint(out).name < "step_00000004":
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its checkpoint"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # a save interrupted by the kill leaves a temporary folder behind; resuming must ignore it
+    (out / "checkpoints" / ".tmp-step_00000099").mkdir(exist_ok=True)
+    resumed = run(*common, "--output-dir", str(out), "--max-steps", "6", "--resume")
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    a, b = load_file(ref / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert losses(ref)[-2:] == losses(out)[-2:]
+
+
+def test_bad_files_are_skipped_and_reported(image_folder, tmp_path):
+    (image_folder / "zero.jpg").write_bytes(b"")
+    (image_folder / "sub").mkdir()
+    (image_folder / "sub" / "notes.png").write_text("hello")
+    data = (image_folder / "img_001.png").read_bytes()
+    (image_folder / "sub" / "cut.png").write_bytes(data[: len(data) // 3])
+    out = tmp_path / "run"
+    proc = run("--data", str(image_folder), "--output-dir", str(out), "--max-steps", "8", *TINY)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert {Path(p).name for p in summary["skipped_files"]} == {"zero.jpg", "notes.png", "cut.png"}
+    assert "skipped 3 unreadable" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "/no/such/folder"], "does not exist"),
+    (["--backbone", "resnet5O"], "did you mean"),
+    (["--preset", "inpainting", "--mask", "random-region"], "predicts only the"),
+    (["--mask", "center", "--mask-shapes", "."], "only applies to --mask random-region"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--push-to-hub"], "--hub-model-id"),
+    (["--resume", "/no/checkpoint"], "does not exist"),
+])
+def test_bad_flags_stop_at_once_with_one_line(args, message, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main([*args, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("train.py: error:")
+    assert not out.exists()  # nothing was built or written
+
+
+def test_empty_folder_is_refused(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["--data", str(tmp_path / "empty"), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "holds no images" in capsys.readouterr().err
+
+
+def test_resume_of_another_run_is_refused(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    run("--data", str(image_folder), "--output-dir", str(out), "--max-steps", "2", *TINY)
+    args = ["--data", str(image_folder), "--output-dir", str(out), "--max-steps", "4", "--resume", *TINY]
+    args[args.index("resnet18")] = "resnet34"
+    assert main(args) == 2
+    assert "belongs to another run" in capsys.readouterr().err
+
+
+def test_inpainting_preset_joint_loss_bf16(image_folder, tmp_path):
+    out = tmp_path / "inp"
+    run("--preset", "inpainting", "--data", str(image_folder), "--image-size", "64", "--batch-size", "4",
+        "--max-steps", "3", "--num-workers", "0", "--log-every", "1", "--mixed-precision", "bf16",
+        "--output-dir", str(out))
+    with open(out / "logs" / "ce_pretrain" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert all(float(r["loss/adversarial"]) > 0 and float(r["loss/discriminator"]) > 0 for r in rows)
+    model = ContextEncoder.from_pretrained(str(out))
+    assert model.pred_size == 32 and model.overlap == 7 and model.bottleneck[0].out_channels == 4000
+
+
+def test_divergence_is_detected_and_reported(image_folder, tmp_path):
+    proc = run("--data", str(image_folder), "--output-dir", str(tmp_path / "o"), "--max-steps", "50",
+               "--lr", "1e30", "--max-nonfinite-steps", "2", *TINY, check=False)
+    assert proc.returncode == 1
+    assert "non-finite" in proc.stderr.splitlines()[-1]
+
+
+def test_two_process_ddp_on_cpu(image_folder, tmp_path):
+    out = tmp_path / "ddp"
+    run("--data", str(image_folder), "--output-dir", str(out), "--max-steps", "3", *TINY,
+        launcher=("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no"))
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 3
+    # each process drew its own images: 3 steps × 4 images × 2 processes
+    assert summary["images_per_second"] * summary["seconds"] == pytest.approx(24, rel=0.02)
+    ContextEncoder.from_pretrained(str(out))
