@@ -1,0 +1,96 @@
+"""transfer.torchvision_det / torchvision_seg: the run-anywhere detection and segmentation transfer."""
+
+import pytest
+import torch
+
+from ce_pretrain import ContextEncoder
+from transfer.common import VOCDetection, VOCSegmentation, load_encoder
+from transfer.common.synthetic_voc import make_synthetic_voc
+from transfer.torchvision_det.model import build_faster_rcnn
+from transfer.torchvision_det.train import DetectionConfig, evaluate
+from transfer.torchvision_det.train import run as run_det
+from transfer.torchvision_seg.model import build_fcn
+from transfer.torchvision_seg.train import SegmentationConfig, _PairTransform
+from transfer.torchvision_seg.train import evaluate as evaluate_seg
+from transfer.torchvision_seg.train import run as run_seg
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tv")
+    torch.manual_seed(0)
+    ContextEncoder("resnet18", image_size=64).save_pretrained(root / "ce")
+    return root / "ce", make_synthetic_voc(root / "data", num_images=6, size=64)
+
+
+def _assert_every_tensor_arrived(module_state: dict, prefix: str, encoder_state: dict) -> None:
+    carried = {k[len(prefix):]: v for k, v in module_state.items() if k.startswith(prefix)}
+    assert carried, f"no tensors under {prefix}"
+    for key, value in carried.items():
+        assert torch.equal(value, encoder_state[key]), key
+
+
+@pytest.mark.parametrize("backbone,fpn,stride", [("resnet18", True, None), ("alexnet", False, 16)])
+def test_faster_rcnn_carries_the_encoder(backbone, fpn, stride):
+    ckpt = load_encoder(f"random:{backbone}", 64)
+    model = build_faster_rcnn(ckpt, min_size=160, max_size=200)
+    assert (model.backbone.fpn is not None) == fpn
+    _assert_every_tensor_arrived(model.state_dict(), "backbone.body.model.", ckpt.state_dict)
+    assert model.transform.image_mean == list(ckpt.mean) and model.transform.image_std == list(ckpt.std)
+    if stride:
+        assert model.backbone.body.strides == [stride]
+
+
+def test_oracle_detector_scores_full_map(setup):
+    _, data = setup
+    dataset = VOCDetection(data, 2007, "test", keep_difficult=True)
+
+    class Oracle(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.targets = iter([dataset[i][1] for i in range(len(dataset))])
+
+        def forward(self, images):
+            t = next(self.targets)
+            return [{"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(len(t["labels"]))}]
+
+    assert evaluate(Oracle(), dataset)["mAP"] == pytest.approx(100.0)
+
+
+def test_detection_end_to_end(setup):
+    model_dir, data = setup
+    result = run_det(DetectionConfig(model=str(model_dir), data_root=str(data), max_steps=2, min_size=64,
+                                     max_size=96, workers=0))
+    assert result["steps"] == 2 and 0 <= result["mAP"] <= 100 and result["test_images"] == 3
+
+
+def test_fcn_carries_the_encoder_and_preprocessing(setup):
+    ckpt = load_encoder(setup[0])
+    model = build_fcn(ckpt).eval()
+    _assert_every_tensor_arrived(model.state_dict(), "fcn.backbone.features.model.", ckpt.state_dict)
+    assert model(torch.rand(2, 3, 64, 80)).shape == (2, 21, 64, 80)
+
+
+def test_oracle_segmenter_scores_full_miou(setup):
+    _, data = setup
+    dataset = VOCSegmentation(data, 2007, "val", transform=_PairTransform(None))
+
+    class Oracle(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.masks = iter([dataset[i][1] for i in range(len(dataset))])
+
+        def forward(self, images):
+            mask = next(self.masks).clamp(max=20)
+            logits = torch.nn.functional.one_hot(mask, 21).permute(2, 0, 1).float()[None]
+            return torch.nn.functional.pad(logits, (0, images.shape[-1] - mask.shape[-1],
+                                                    0, images.shape[-2] - mask.shape[-2]))
+
+    assert evaluate_seg(Oracle(), dataset)["mIoU"] == pytest.approx(100.0)
+
+
+def test_segmentation_end_to_end(setup):
+    model_dir, data = setup
+    result = run_seg(SegmentationConfig(model=str(model_dir), data_root=str(data), year=2007, train_split="train",
+                                        test_split="val", max_steps=2, batch_size=2, workers=0))
+    assert result["steps"] == 2 and 0 <= result["mIoU"] <= 100 and result["test_images"] == 3

@@ -1,0 +1,7 @@
+"""Transfer of a context-encoder-pretrained encoder to the paper's benchmarks (§5.2, Table 2).
+
+One folder per target: ``classification`` (VOC2007, fine-tune and linear probe), ``torchvision_det`` (Faster
+R-CNN) and ``torchvision_seg`` (FCN) run on any machine; ``detectron2`` and ``mmseg`` adapt the same encoder to
+those libraries, which are imported only inside their folders. ``common`` holds what they share: checkpoint
+loading with preprocessing, the VOCdevkit dataset layer and the VOC metrics.
+"""

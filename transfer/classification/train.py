@@ -1,0 +1,208 @@
+"""VOC2007 multi-label classification with a pretrained encoder (§5.2, Table 2 "Classification").
+
+Fine-tuning: the encoder plus freshly initialised fully-connected layers (AlexNet's fc6-fc8, a new classifier for
+other timm backbones), trained on random crops and flips; tested with 10 random crops averaged; per-class AP
+and mAP by the VOC2007 devkit's 11-point rule. Linear probe (``--linear-probe``): the frozen encoder's feature
+map, average-pooled to ``--probe-grid``², flattened, with a logistic-regression layer on top.
+
+    python -m transfer.classification.train --model DIR_OR_HUB_ID --data-root VOCdevkit --year 2007
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.transforms import v2 as T
+
+from transfer.common import VOC_CLASSES, VOCClassification, load_encoder
+from transfer.common.checkpoint import EncoderCheckpoint
+from transfer.common.features import TimmFeatures
+from transfer.common.voc import holdout_split, read_split, resolve_voc_dir
+from transfer.common.voc_ap import classification_ap
+
+__all__ = ["ClassificationConfig", "run"]
+
+
+@dataclass
+class ClassificationConfig:
+    """Flags of the entry point (see ``--help``)."""
+
+    model: str
+    data_root: str
+    year: int = 2007
+    train_split: str = "trainval"
+    test_split: str = "test"
+    holdout: float = 0.0
+    image_size: int | None = None
+    linear_probe: bool = False
+    probe_grid: int = 2
+    epochs: int = 30
+    max_steps: int | None = None
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    test_crops: int = 10
+    workers: int = 2
+    seed: int = 0
+    output: str | None = None
+
+
+def _splits(cfg: ClassificationConfig) -> tuple[list[str], list[str]]:
+    voc = resolve_voc_dir(cfg.data_root, cfg.year)
+    if cfg.holdout:
+        return holdout_split(read_split(voc, "Main", cfg.train_split), cfg.holdout, cfg.seed)
+    return read_split(voc, "Main", cfg.train_split), read_split(voc, "Main", cfg.test_split)
+
+
+def _transforms(ckpt: EncoderCheckpoint, size: int) -> tuple[T.Compose, T.Compose]:
+    normalize = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(ckpt.mean, ckpt.std)]
+    train = T.Compose([T.RandomResizedCrop(size, scale=(0.25, 1.0)), T.RandomHorizontalFlip(), *normalize])
+    # test: 10 random crops of the image resized so that the crop covers ~88% of its shorter side
+    test = T.Compose([T.Resize(round(size / 0.875)), T.RandomCrop(size), T.RandomHorizontalFlip(), *normalize])
+    return train, test
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Multi-label BCE over present (1) and absent (-1) labels; difficult-only labels (0) are ignored.
+
+    logits, targets: ``[B, 20]``.
+    """
+    weight = (targets != 0).float()
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, (targets > 0).float(), weight=weight,
+                                                          reduction="sum")
+    return loss / weight.sum().clamp(min=1)
+
+
+class LinearProbe(nn.Module):
+    """Frozen encoder feature map ``[B, C, h, w]`` → pooled to ``grid``² → flattened → linear ``[B, classes]``."""
+
+    def __init__(self, ckpt: EncoderCheckpoint, grid: int, num_classes: int):
+        super().__init__()
+        model = ckpt.create_model()
+        self.features = TimmFeatures(model, [len(model.feature_info) - 1])
+        self.features.requires_grad_(False).eval()
+        self.pool = nn.AdaptiveAvgPool2d(grid)
+        self.fc = nn.Linear(self.features.out_channels[0] * grid * grid, num_classes)
+
+    def train(self, mode: bool = True) -> LinearProbe:
+        super().train(mode)
+        self.features.eval()  # frozen: BatchNorm statistics stay those of pretraining
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            f = self.pool(self.features(x)[-1]).flatten(1)  # [B, C * grid²]
+        return self.fc(f)
+
+
+def build_model(ckpt: EncoderCheckpoint, cfg: ClassificationConfig) -> nn.Module:
+    if cfg.linear_probe:
+        return LinearProbe(ckpt, cfg.probe_grid, len(VOC_CLASSES))
+    return ckpt.create_model(num_classes=len(VOC_CLASSES))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: VOCClassification, crops: int, batch_size: int, workers: int,
+             seed: int) -> dict:
+    """Average the sigmoid scores of ``crops`` random crops per image; per-class AP and mAP (VOC2007)."""
+    model.eval()
+    torch.manual_seed(seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    total = None
+    for _ in range(crops):
+        scores, targets = [], []
+        for images, target in loader:
+            scores.append(model(images).sigmoid())
+            targets.append(target)
+        crop_scores = torch.cat(scores)
+        total = crop_scores if total is None else total + crop_scores
+    aps = classification_ap((total / crops).numpy(), torch.cat(targets).numpy())
+    return {"mAP": float(np.nanmean(aps)) * 100,
+            "per_class_AP": {c: (None if math.isnan(a) else a * 100) for c, a in zip(VOC_CLASSES, aps)}}
+
+
+def run(cfg: ClassificationConfig) -> dict:
+    """Train and evaluate; returns ``{"mAP", "per_class_AP", "steps", ...}`` (APs in percent)."""
+    torch.manual_seed(cfg.seed)
+    ckpt = load_encoder(cfg.model, cfg.image_size)
+    size = cfg.image_size or ckpt.image_size
+    train_ids, test_ids = _splits(cfg)
+    train_tf, test_tf = _transforms(ckpt, size)
+    train_set = VOCClassification(cfg.data_root, cfg.year, ids=train_ids, transform=train_tf)
+    test_set = VOCClassification(cfg.data_root, cfg.year, ids=test_ids, transform=test_tf)
+    model = build_model(ckpt, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=False,
+                                         num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
+    total = cfg.max_steps or cfg.epochs * len(loader)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=total, pct_start=0.1)
+    step, losses = 0, []
+    model.train()
+    while step < total:
+        for images, targets in loader:
+            loss = masked_bce(model(images), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            step += 1
+            if step >= total:
+                break
+    result = evaluate(model, test_set, cfg.test_crops, cfg.batch_size, cfg.workers, cfg.seed)
+    result.update(task="classification", mode="linear-probe" if cfg.linear_probe else "fine-tune",
+                  model=cfg.model, backbone=ckpt.backbone, steps=step, final_loss=float(np.mean(losses[-10:])),
+                  train_images=len(train_set), test_images=len(test_set))
+    if cfg.output:
+        Path(cfg.output).write_text(json.dumps({"config": asdict(cfg), **result}, indent=2) + "\n")
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> ClassificationConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="ContextEncoder dir, timm encoder dir, Hub id or random:<timm>")
+    p.add_argument("--data-root", required=True, help="VOCdevkit folder (or VOC<year> itself)")
+    p.add_argument("--year", type=int, default=2007)
+    p.add_argument("--train-split", default="trainval")
+    p.add_argument("--test-split", default="test")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="test on this fraction held out of --train-split instead of --test-split")
+    p.add_argument("--image-size", type=int, help="crop size (default: the pretraining size)")
+    p.add_argument("--linear-probe", action="store_true", help="freeze the encoder, train a linear layer")
+    p.add_argument("--probe-grid", type=int, default=2, help="linear probe: average-pool the map to grid²")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--test-crops", type=int, default=10)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", help="write the results as JSON here")
+    return ClassificationConfig(**vars(p.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    from transfer.common import CheckpointError, VOCLayoutError
+
+    cfg = parse_args(argv)
+    try:
+        result = run(cfg)
+    except (CheckpointError, VOCLayoutError) as err:
+        sys.exit(f"error: {err}")
+    print(f"{result['mode']} {result['backbone']}: VOC{cfg.year} classification mAP {result['mAP']:.1f} "
+          f"({result['steps']} steps, {result['test_images']} test images)")
+    print("  " + "  ".join(f"{c} {a:.1f}" for c, a in result["per_class_AP"].items() if a is not None))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""A pretrained encoder as the transfer targets need it: timm weights plus the preprocessing it was trained with.
+
+Sources accepted by :func:`load_encoder`:
+
+* a directory written by ``ContextEncoder.save_pretrained`` (``config.json`` + ``model.safetensors``);
+* a timm encoder folder written by ``ce_pretrain.export.save_timm_encoder`` (its ``config.json`` has
+  ``architecture``);
+* a Hugging Face Hub id of a ``ContextEncoder``;
+* ``random:<timm name>`` for the random-initialisation baseline of Table 2.
+
+The paper transfers "the encoder up to pool5" and re-initialises the fully-connected layers (§5.2); the timm
+state dict carries the trained trunk and timm's fresh initialisation for everything after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+
+__all__ = ["CheckpointError", "EncoderCheckpoint", "load_encoder", "load_strict"]
+
+RANDOM_PREFIX = "random:"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be found, read, or does not fit the model it should load into."""
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load ``state`` into ``module`` and fail with one line unless every key and shape matches both ways."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        def head(keys: list[str]) -> str:
+            return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+
+        parts = [f"missing {head(missing)}" if missing else "", f"unexpected {head(unexpected)}" if unexpected else "",
+                 f"mis-shaped {head(shapes)}" if shapes else ""]
+        raise CheckpointError(f"{what} does not fit: " + "; ".join(p for p in parts if p))
+    module.load_state_dict(state, strict=True)
+
+
+@dataclass
+class EncoderCheckpoint:
+    """Encoder weights in timm layout with the input convention they were trained under.
+
+    Attributes:
+        backbone: timm architecture name.
+        state_dict: full ``num_classes=0`` timm state dict.
+        image_size: side of the square pretraining input.
+        mean: per-channel RGB mean of [0, 1] pixels.
+        std: per-channel RGB std of [0, 1] pixels.
+        backbone_kwargs: extra ``timm.create_model`` arguments the encoder was built with.
+        source: where it came from, for messages and result tables.
+    """
+
+    backbone: str
+    state_dict: dict[str, torch.Tensor]
+    image_size: int
+    mean: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)
+    std: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
+    backbone_kwargs: dict = field(default_factory=dict)
+    source: str = ""
+
+    def create_model(self, num_classes: int = 0, **kwargs) -> nn.Module:
+        """The timm model with these weights loaded strictly, then a fresh ``num_classes`` classifier if asked.
+
+        Args:
+            num_classes: outputs of a freshly initialised classifier; 0 keeps the pooled features.
+            kwargs: more ``timm.create_model`` arguments (e.g. ``drop_rate``).
+        """
+        import ce_pretrain  # noqa: F401  (registers the paper's encoders in timm)
+
+        model = timm.create_model(self.backbone, pretrained=False, num_classes=0, **{**self.backbone_kwargs, **kwargs})
+        load_strict(model, self.state_dict, f"encoder from {self.source or self.backbone!r}")
+        if num_classes:
+            model.reset_classifier(num_classes)
+        return model
+
+
+def _from_context_encoder(model, source: str) -> EncoderCheckpoint:
+    from ce_pretrain.export import timm_encoder_state_dict
+
+    state, _ = timm_encoder_state_dict(model)
+    kwargs = dict(getattr(model, "_hub_mixin_config", {}).get("backbone_kwargs") or {})
+    return EncoderCheckpoint(
+        backbone=model.backbone_name, state_dict=state, image_size=model.image_size,
+        mean=tuple(model.mean.flatten().tolist()), std=tuple(model.std.flatten().tolist()),
+        backbone_kwargs=kwargs, source=source,
+    )
+
+
+def _from_timm_folder(path: Path, config: dict) -> EncoderCheckpoint:
+    from safetensors.torch import load_file
+
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"timm encoder folder {str(path)!r} has no model.safetensors")
+    cfg = config.get("pretrained_cfg", {})
+    size = cfg.get("input_size", (3, 224, 224))[-1]
+    return EncoderCheckpoint(
+        backbone=config["architecture"], state_dict=load_file(str(weights)), image_size=int(size),
+        mean=tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), std=tuple(cfg.get("std", IMAGENET_DEFAULT_STD)),
+        backbone_kwargs=dict(config.get("model_args") or {}), source=str(path),
+    )
+
+
+def random_encoder(backbone: str, image_size: int = 227, seed: int = 0) -> EncoderCheckpoint:
+    """The random-initialisation baseline: timm's own initialisation of ``backbone`` under a fixed seed."""
+    import ce_pretrain  # noqa: F401
+    from ce_pretrain.model import UnknownBackboneError, resolve_backbone_name
+
+    try:
+        resolve_backbone_name(backbone)
+    except UnknownBackboneError as err:
+        raise CheckpointError(str(err)) from None
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        state = timm.create_model(backbone, pretrained=False, num_classes=0).state_dict()
+    return EncoderCheckpoint(backbone=backbone, state_dict=state, image_size=image_size, source=f"random:{backbone}")
+
+
+def load_encoder(source: str | os.PathLike, image_size: int | None = None) -> EncoderCheckpoint:
+    """Load a pretrained encoder from a directory, a Hub id, or ``random:<timm name>``.
+
+    Args:
+        source: see the module docstring.
+        image_size: input size for ``random:`` (default 227); ignored otherwise.
+
+    Raises:
+        CheckpointError: one line saying what is missing or does not fit.
+    """
+    source = str(source)
+    if source.startswith(RANDOM_PREFIX):
+        return random_encoder(source[len(RANDOM_PREFIX):], image_size or 227)
+    from ce_pretrain import ContextEncoder, IncompatibleCheckpointError
+
+    path = Path(source)
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{source!r} has no config.json; expected a ContextEncoder.save_pretrained folder "
+                                  "or a timm encoder folder")
+        config = json.loads(config_file.read_text())
+        if "architecture" in config:
+            return _from_timm_folder(path, config)
+    elif path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise CheckpointError(f"checkpoint {source!r} is not a directory (nor a Hub id of the form owner/name)")
+    try:
+        model = ContextEncoder.from_pretrained(source)
+    except (IncompatibleCheckpointError, FileNotFoundError, TypeError, ValueError) as err:
+        raise CheckpointError(f"cannot load ContextEncoder from {source!r}: {str(err).splitlines()[0]}") from None
+    except OSError as err:  # Hub errors (offline, unknown repo) derive from OSError
+        raise CheckpointError(f"cannot load ContextEncoder from {source!r}: {str(err).splitlines()[0]}") from None
+    return _from_context_encoder(model, source)
