@@ -397,12 +397,8 @@ def train(cfg: TrainConfig, items, image_column: str | None, description: str) -
     from tqdm.auto import tqdm
 
     from ce_pretrain.data import EpochSampler, ImageDataset, collate
-    from ce_pretrain.discriminator import Discriminator
     from ce_pretrain.export import save_timm_encoder
-    from ce_pretrain.losses import (ReconstructionLoss, discriminator_loss, generator_adversarial_loss, joint_loss,
-                                    loss_weights)
     from ce_pretrain.masks import ShapeBank
-    from ce_pretrain.model import ContextEncoder
 
     out = Path(cfg.output_dir)
     # torchrun-style launches (`accelerate launch --multi_gpu`, `torchrun`) on a machine without GPUs: DDP over gloo
@@ -419,20 +415,8 @@ def train(cfg: TrainConfig, items, image_column: str | None, description: str) -
     set_seed(cfg.seed)
     device = accelerator.device
 
-    model = ContextEncoder(**cfg.model_kwargs())
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt_g = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999), weight_decay=cfg.weight_decay)
-    disc = opt_d = None
-    if cfg.adversarial:
-        disc = Discriminator(model.pred_size)
-        if cfg.channels_last:
-            disc = disc.to(memory_format=torch.channels_last)
-        opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.discriminator_lr or cfg.lr / 10, betas=(cfg.beta1, 0.999))
-        model, disc, opt_g, opt_d = accelerator.prepare(model, disc, opt_g, opt_d)
-    else:
-        model, opt_g = accelerator.prepare(model, opt_g)
-    core = accelerator.unwrap_model(model)
+    runner = StepRunner.build(cfg, accelerator)
+    core = runner.core
     shapes = ShapeBank.from_folder(cfg.mask_shapes) if cfg.mask_shapes else None
 
     state = TrainState()
@@ -456,7 +440,6 @@ def train(cfg: TrainConfig, items, image_column: str | None, description: str) -
         prefetch_factor=4 if cfg.num_workers > 0 else None,
     )
     batches = iter(loader)
-    rec_loss = ReconstructionLoss(p=2 if cfg.loss == "l2" else 1)
     if accelerator.is_main_process:
         accelerator.init_trackers("ce_pretrain", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                                                          for k, v in dataclasses.asdict(cfg).items()})
@@ -484,53 +467,28 @@ def train(cfg: TrainConfig, items, image_column: str | None, description: str) -
                 seed = _step_seed(cfg.seed, state.step, micro, accelerator.process_index)
                 mask = _mask_batch(cfg, len(images), torch.Generator().manual_seed(seed), device, shapes)
                 torch.manual_seed(seed)  # dropout: the same draws in a resumed run
-                weights = core.crop(torch.ones_like(mask, dtype=torch.float) if cfg.mask == "none"
-                                    else loss_weights(mask, cfg.overlap))
-                target = core.crop(images)
-                with accelerator.accumulate(*([model, disc] if disc is not None else [model])):
-                    with accelerator.autocast():
-                        pred = model(images, mask)
-                    rec = rec_loss(pred, target, weights)
-                    logs = {"loss/reconstruction": rec}
-                    loss = rec
-                    if disc is not None:
-                        fake, real = core.normalize(pred.float()), core.normalize(target)
-                        with accelerator.autocast():  # one forward for both: DDP-safe, and BN sees both
-                            logits = disc(torch.cat([real, fake.detach()]))
-                        d_loss = discriminator_loss(logits[: len(real)], logits[len(real):])
-                        if _all_finite(accelerator, d_loss):
-                            accelerator.backward(d_loss)
-                            opt_d.step()
-                        opt_d.zero_grad(set_to_none=True)
-                        with accelerator.autocast():
-                            adv = generator_adversarial_loss(disc(fake))
-                        loss = joint_loss(rec, adv, 1 - cfg.adversarial_weight, cfg.adversarial_weight)
-                        logs.update({"loss/adversarial": adv, "loss/discriminator": d_loss})
-                    if _all_finite(accelerator, loss):
-                        accelerator.backward(loss)
-                        state.nonfinite = 0
-                    else:
-                        state.nonfinite += 1
-                        log(f"step {state.step}: non-finite loss ({loss.item()}); step skipped "
-                            f"({state.nonfinite} in a row)")
-                        if state.nonfinite >= cfg.max_nonfinite_steps:
-                            raise FloatingPointError(
-                                f"the loss was non-finite for {state.nonfinite} steps in a row at step {state.step}: "
-                                f"training diverged (mixed precision {cfg.mixed_precision!r}); try --mixed-precision "
-                                f"bf16 or no, a lower --lr, or --adversarial-weight 0. The last good checkpoint is in "
-                                f"{checkpoint_dir(out)}"
-                            )
-                    opt_g.step()
-                    opt_g.zero_grad(set_to_none=True)
+                loss, logs, finite = runner.step(images, mask)
+                if finite:
+                    state.nonfinite = 0
+                else:
+                    state.nonfinite += 1
+                    log(f"step {state.step}: non-finite loss ({loss.item()}); step skipped "
+                        f"({state.nonfinite} in a row)")
+                    if state.nonfinite >= cfg.max_nonfinite_steps:
+                        raise FloatingPointError(
+                            f"the loss was non-finite for {state.nonfinite} steps in a row at step {state.step}: "
+                            f"training diverged (mixed precision {cfg.mixed_precision!r}); try --mixed-precision "
+                            f"bf16 or no, a lower --lr, or --adversarial-weight 0. The last good checkpoint is in "
+                            f"{checkpoint_dir(out)}"
+                        )
                 images_seen += len(images) * accelerator.num_processes
             state.step += 1
-            last = {k: v.item() for k, v in logs.items()} | {"loss": loss.item()}
             bar.update(1)
-            elapsed = time.perf_counter() - start
-            ips = images_seen / max(elapsed, 1e-9)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{ips:.1f}")
-            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
-                accelerator.log(last | {"images_per_s": ips, "lr": opt_g.param_groups[0]["lr"],
+            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:  # .item() syncs: only when logging
+                last = {k: v.item() for k, v in logs.items()} | {"loss": loss.item()}
+                ips = images_seen / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{ips:.1f}")
+                accelerator.log(last | {"images_per_s": ips, "lr": runner.opt_g.param_groups[0]["lr"],
                                         "skipped_files": len(state.skipped)}, step=state.step)
             if state.step % cfg.checkpoint_every == 0 and state.step < cfg.max_steps:
                 save_checkpoint(accelerator, cfg, state.step)
@@ -569,6 +527,75 @@ def train(cfg: TrainConfig, items, image_column: str | None, description: str) -
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+class StepRunner:
+    """One optimisation step of the context encoder (and its discriminator): the part of the loop that computes.
+
+    Build it with :meth:`build`, which creates the models and optimisers and hands them to ``accelerator.prepare``.
+    """
+
+    def __init__(self, cfg: TrainConfig, accelerator, model, disc, opt_g, opt_d):
+        from ce_pretrain.losses import ReconstructionLoss
+
+        self.cfg, self.accelerator = cfg, accelerator
+        self.model, self.disc, self.opt_g, self.opt_d = model, disc, opt_g, opt_d
+        self.core = accelerator.unwrap_model(model)
+        self.rec_loss = ReconstructionLoss(p=2 if cfg.loss == "l2" else 1)
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, accelerator) -> StepRunner:
+        from ce_pretrain.discriminator import Discriminator
+        from ce_pretrain.model import ContextEncoder
+
+        memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        model = ContextEncoder(**cfg.model_kwargs()).to(memory_format=memory)
+        opt_g = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999),
+                                 weight_decay=cfg.weight_decay)
+        if not cfg.adversarial:
+            model, opt_g = accelerator.prepare(model, opt_g)
+            return cls(cfg, accelerator, model, None, opt_g, None)
+        disc = Discriminator(model.pred_size).to(memory_format=memory)
+        opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.discriminator_lr or cfg.lr / 10, betas=(cfg.beta1, 0.999))
+        model, disc, opt_g, opt_d = accelerator.prepare(model, disc, opt_g, opt_d)
+        return cls(cfg, accelerator, model, disc, opt_g, opt_d)
+
+    def step(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict, bool]:
+        """images ``[B, 3, H, W]`` in [0, 1], mask bool ``[B, 1, H, W]`` → (loss, logged terms, finite?).
+
+        A non-finite loss (on any process) skips the backward pass, so the step leaves the weights unchanged.
+        """
+        from ce_pretrain.losses import discriminator_loss, generator_adversarial_loss, joint_loss, loss_weights
+
+        cfg, acc, core = self.cfg, self.accelerator, self.core
+        weights = core.crop(torch.ones_like(mask, dtype=torch.float) if cfg.mask == "none"
+                            else loss_weights(mask, cfg.overlap))
+        target = core.crop(images)
+        with acc.accumulate(*([self.model, self.disc] if self.disc is not None else [self.model])):
+            with acc.autocast():
+                pred = self.model(images, mask)
+            rec = self.rec_loss(pred, target, weights)
+            logs = {"loss/reconstruction": rec}
+            loss = rec
+            if self.disc is not None:
+                fake, real = core.normalize(pred.float()), core.normalize(target)
+                with acc.autocast():  # one forward for real and fake: DDP-safe, and BatchNorm sees both
+                    logits = self.disc(torch.cat([real, fake.detach()]))
+                d_loss = discriminator_loss(logits[: len(real)], logits[len(real):])
+                if _all_finite(acc, d_loss):
+                    acc.backward(d_loss)
+                    self.opt_d.step()
+                self.opt_d.zero_grad(set_to_none=True)
+                with acc.autocast():
+                    adv = generator_adversarial_loss(self.disc(fake))
+                loss = joint_loss(rec, adv, 1 - cfg.adversarial_weight, cfg.adversarial_weight)
+                logs.update({"loss/adversarial": adv, "loss/discriminator": d_loss})
+            finite = _all_finite(acc, loss)
+            if finite:
+                acc.backward(loss)
+            self.opt_g.step()
+            self.opt_g.zero_grad(set_to_none=True)
+        return loss, logs, finite
 
 
 def _all_finite(accelerator, value: torch.Tensor) -> bool:
