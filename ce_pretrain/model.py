@@ -9,7 +9,7 @@ from pathlib import Path
 
 import timm
 import torch
-from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
+from huggingface_hub import ModelCard, PyTorchModelHubMixin, constants, hf_hub_download
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
@@ -291,3 +291,16 @@ class ContextEncoder(
                 f"image_size={self.image_size}): " + "; ".join(p for p in parts if p)
             )
         self.load_state_dict(state, strict=strict)
+
+    # ------------------------------------------------------------------------------------------- model card
+    def generate_model_card(self, *args, training: dict | None = None, evaluation: dict | None = None,
+                            repo_id: str | None = None, **kwargs) -> ModelCard:
+        """The card ``save_pretrained`` / ``push_to_hub`` write as ``README.md``: ce-pretrain's filled template.
+
+        Pass the run's details through the mixin, e.g. ``model.push_to_hub(repo, model_card_kwargs=dict(
+        training=flags, evaluation=numbers))``; see :func:`ce_pretrain.model_card.render_model_card`.
+        """
+        from .model_card import render_model_card
+
+        return ModelCard(render_model_card(dict(self._hub_mixin_config or {}), training, evaluation, model_id=repo_id,
+                                           num_parameters=sum(p.numel() for p in self.parameters())))
