@@ -59,7 +59,9 @@ class UpConvDecoder(nn.Module):
     """A series of up-convolutions, each followed by BatchNorm and ReLU, then a 3×3 convolution to pixels (§3.1).
 
     Each up-convolution is a 4×4 transposed convolution of stride 2 (the DCGAN generator's), which doubles the
-    resolution; from a 1×1 bottleneck the first one is a 4×4 stride-1 transposed convolution to 4×4 instead.
+    resolution; from a 1×1 bottleneck the first one is a 4×4 stride-1 transposed convolution to 4×4 instead,
+    computed as the equivalent fully-connected layer (one GEMM, several times faster than the convolution kernels
+    on 1×1 inputs).
     "The series of up-convolutions and non-linearities comprises a non-linear weighted upsampling of the feature
     produced by the encoder until we roughly reach the original target size": when the doublings do not land on
     ``out_size`` exactly (AlexNet: 6 → 192 for 227), the last feature map is resized bilinearly before the output
@@ -87,7 +89,7 @@ class UpConvDecoder(nn.Module):
         prev, size = in_channels, tuple(in_size)
         for i, c in enumerate(channels):
             if i == 0 and size == (1, 1):
-                layers.append(nn.ConvTranspose2d(prev, c, 4, stride=1, padding=0, bias=False))
+                layers += [nn.Flatten(1), nn.Linear(prev, c * 16, bias=False), nn.Unflatten(1, (c, 4, 4))]
                 size = (4, 4)
             else:
                 layers.append(nn.ConvTranspose2d(prev, c, 4, stride=2, padding=1, bias=False))

@@ -39,7 +39,9 @@ def loss_weights(mask: torch.Tensor, overlap: int = 0, overlap_weight: float = 1
     hole = mask.float()
     if overlap <= 0:
         return hole
-    grown = F.max_pool2d(hole, 2 * overlap + 1, stride=1, padding=overlap)  # chessboard dilation by `overlap`
+    # chessboard dilation by `overlap`, as two separable 1-D max-pools
+    grown = F.max_pool2d(hole, (1, 2 * overlap + 1), stride=1, padding=(0, overlap))
+    grown = F.max_pool2d(grown, (2 * overlap + 1, 1), stride=1, padding=(overlap, 0))
     return hole + (grown - hole) * overlap_weight
 
 

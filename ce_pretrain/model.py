@@ -156,10 +156,13 @@ class ContextEncoder(
             start, n_up = (fh, fw), num_upconvs(fh, self.pred_size)
         else:
             width = bottleneck_dim
+            # a convolution over the whole map is a fully-connected layer: computed as one GEMM
             self.bottleneck = nn.Sequential(
-                nn.Conv2d(channels, bottleneck_dim, (fh, fw), bias=False),
-                nn.BatchNorm2d(bottleneck_dim),
+                nn.Flatten(1),
+                nn.Linear(channels * fh * fw, bottleneck_dim, bias=False),
+                nn.BatchNorm1d(bottleneck_dim),
                 nn.LeakyReLU(0.2, inplace=True),
+                nn.Unflatten(1, (bottleneck_dim, 1, 1)),
             )
             start, n_up = (1, 1), 1 + num_upconvs(4, self.pred_size)
         if decoder_channels is None:

@@ -551,12 +551,13 @@ class StepRunner:
         memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
         model = ContextEncoder(**cfg.model_kwargs()).to(memory_format=memory)
         opt_g = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999),
-                                 weight_decay=cfg.weight_decay)
+                                 weight_decay=cfg.weight_decay, fused=_fused_adam(accelerator))
         if not cfg.adversarial:
             model, opt_g = accelerator.prepare(model, opt_g)
             return cls(cfg, accelerator, model, None, opt_g, None)
         disc = Discriminator(model.pred_size).to(memory_format=memory)
-        opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.discriminator_lr or cfg.lr / 10, betas=(cfg.beta1, 0.999))
+        opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.discriminator_lr or cfg.lr / 10, betas=(cfg.beta1, 0.999),
+                                 fused=_fused_adam(accelerator))
         model, disc, opt_g, opt_d = accelerator.prepare(model, disc, opt_g, opt_d)
         return cls(cfg, accelerator, model, disc, opt_g, opt_d)
 
@@ -596,6 +597,11 @@ class StepRunner:
             self.opt_g.step()
             self.opt_g.zero_grad(set_to_none=True)
         return loss, logs, finite
+
+
+def _fused_adam(accelerator) -> bool | None:
+    """Fused Adam (one kernel over all parameters) where PyTorch has it: CPU and CUDA."""
+    return True if accelerator.device.type in ("cpu", "cuda") else None
 
 
 def _all_finite(accelerator, value: torch.Tensor) -> bool:

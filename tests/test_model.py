@@ -24,7 +24,7 @@ def test_alexnet_default_predicts_full_image(gen):
 def test_inpainting_preset_predicts_center(gen):
     model = ContextEncoder("dcgan_encoder", image_size=128, pred_size=64, overlap=7, bottleneck="fc",
                            bottleneck_dim=4000)
-    assert model.bottleneck[0].out_channels == 4000
+    assert model.bottleneck[1].out_features == 4000
     x = torch.rand(3, 3, 128, 128)
     pred = model(x, make_masks("center", 3, 128, 128, overlap=7))
     assert pred.shape == (3, 3, 64, 64)

@@ -131,7 +131,7 @@ def test_inpainting_preset_joint_loss_bf16(image_folder, tmp_path):
         rows = list(csv.DictReader(f))
     assert all(float(r["loss/adversarial"]) > 0 and float(r["loss/discriminator"]) > 0 for r in rows)
     model = ContextEncoder.from_pretrained(str(out))
-    assert model.pred_size == 32 and model.overlap == 7 and model.bottleneck[0].out_channels == 4000
+    assert model.pred_size == 32 and model.overlap == 7 and model.bottleneck[1].out_features == 4000
 
 
 def test_divergence_is_detected_and_reported(image_folder, tmp_path):
