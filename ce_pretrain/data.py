@@ -38,7 +38,7 @@ __all__ = [
     "sample_images",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm")
 # real photographs shipped inside packages the project depends on: (package, path inside it)
 _SAMPLES = [
     ("skimage", "data/astronaut.png"), ("skimage", "data/brick.png"), ("skimage", "data/camera.png"),
@@ -92,7 +92,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (124, 116, 104, 255))  # transparent pixels become mean grey
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # transparent shows as white, as in viewers
         img = Image.alpha_composite(background, rgba)
     return img.convert("RGB")
 

@@ -16,8 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
+from .data import IMAGE_EXTENSIONS as IMAGE_SUFFIXES
+from .data import DataSourceError, load_rgb
+from .data import list_images as _list_images
 from .masks import MASK_KINDS, make_masks
 from .model import ContextEncoder
 
@@ -36,30 +39,15 @@ __all__ = [
     "resize",
 ]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
-
 
 class ImageReadError(ValueError):
     """An image or mask file is missing, unreadable or unusable."""
 
 
 def _open_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open any PIL-readable file as upright 8-bit RGB."""
+    """Open any PIL-readable file as upright 8-bit RGB (:func:`ce_pretrain.data.load_rgb`), with a one-line error."""
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)  # phones store the rotation in EXIF, not in the pixels
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-                # 16-bit (and 32-bit) grayscale: rescale by the range in use; PIL's convert("RGB") would clip at 255
-                array = np.asarray(im, dtype=np.float64)
-                top = 65535.0 if array.max(initial=0) > 255 else 255.0
-                im = Image.fromarray((array.clip(0, top) / top * 255).round().astype(np.uint8), mode="L")
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                # transparent pixels keep arbitrary colours; show them as white as any viewer would
-                rgba = im.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(white, rgba)
-            return im.convert("RGB")
+        return load_rgb(path)
     except FileNotFoundError as e:
         raise ImageReadError(f"no such file: {str(path)!r}") from e
     except IsADirectoryError as e:
@@ -104,14 +92,10 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     Raises:
         ImageReadError: the folder does not exist or holds no images.
     """
-    root = Path(folder)
-    if not root.is_dir():
-        raise ImageReadError(f"image folder {str(root)!r} does not exist" if not root.exists()
-                             else f"{str(root)!r} is not a folder")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise ImageReadError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {str(root)!r}")
-    return files
+    try:
+        return _list_images(folder)
+    except DataSourceError as e:
+        raise ImageReadError(str(e)) from e
 
 
 def resize(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:

@@ -507,7 +507,14 @@ def train(cfg: TrainConfig, items, image_column: str | None, description: str) -
     }
     save_checkpoint(accelerator, cfg, state.step)
     if accelerator.is_main_process:
-        core.save_pretrained(out)
+        card = {"preset": cfg.preset, "data": cfg.data or "built-in demo photographs", "mask": cfg.mask,
+                "mask_shapes": cfg.mask_shapes, "loss": cfg.loss, "adversarial_weight": cfg.adversarial_weight,
+                "optimizer": f"Adam(lr={cfg.lr}, betas=({cfg.beta1}, 0.999))", "steps": state.step,
+                "global_batch": cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes,
+                "mixed_precision": cfg.mixed_precision, "processes": accelerator.num_processes,
+                "images_per_second": summary["images_per_second"], "final_loss": last.get("loss"),
+                "seed": cfg.seed}
+        core.save_pretrained(out, model_card_kwargs=dict(training=card, repo_id=cfg.hub_model_id))
         save_timm_encoder(core, out / "timm-encoder")
         save_sample_grid(core, vis_images, vis_mask, out / "samples" / "final.png")
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
