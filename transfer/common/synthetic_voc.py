@@ -54,7 +54,7 @@ def make_synthetic_voc(root: str | os.PathLike, num_images: int = 24, year: int 
     """Write the dataset under ``root/VOCdevkit/VOC<year>``; returns ``root/VOCdevkit``.
 
     Splits: ``train`` / ``val`` halves, ``trainval`` all, ``test`` = ``val`` (Main); the same for Segmentation
-    and ``train_aug`` = ``train`` under SegmentationAug.
+    ``aug`` = ``train`` (the SBD ids of mmseg's layout) and ``train_aug`` = ``train`` under SegmentationAug.
     """
     rng = random.Random(seed)
     voc = Path(root) / "VOCdevkit" / f"VOC{year}"
@@ -101,6 +101,7 @@ def make_synthetic_voc(root: str | os.PathLike, num_images: int = 24, year: int 
         if name != "test":
             (voc / "ImageSets" / "Segmentation" / f"{name}.txt").write_text("\n".join(members) + "\n")
     (voc / "ImageSets" / "SegmentationAug" / "train_aug.txt").write_text("\n".join(splits["train"]) + "\n")
+    (voc / "ImageSets" / "Segmentation" / "aug.txt").write_text("\n".join(splits["train"]) + "\n")
     return voc.parent
 
 

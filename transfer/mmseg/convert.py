@@ -1,0 +1,56 @@
+"""Convert a ContextEncoder checkpoint (dir or Hub id) into an mmseg checkpoint for ``CETimmBackbone``.
+
+Writes ``{"state_dict": {"backbone.body.model.<timm key>": tensor}, "meta": {...}}``, which mmengine reads both
+as the backbone's ``init_cfg`` checkpoint (loaded strictly by :class:`~transfer.mmseg.backbone.CETimmBackbone`)
+and as a ``load_from`` checkpoint of the whole segmentor.
+
+    python -m transfer.mmseg.convert --model DIR_OR_HUB_ID --output weights/ce_alexnet_mmseg.pth
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from transfer.common.checkpoint import CheckpointError, EncoderCheckpoint, load_encoder
+from transfer.common.features import TimmFeatures
+
+__all__ = ["BACKBONE_PREFIX", "convert", "mmseg_state_dict"]
+
+BACKBONE_PREFIX = "backbone.body.model."
+
+
+def mmseg_state_dict(ckpt: EncoderCheckpoint) -> dict[str, torch.Tensor]:
+    """The encoder (pruned after its last stage, as the FCN uses it) under mmseg segmentor keys."""
+    model = ckpt.create_model()
+    keep = TimmFeatures(model, [len(model.feature_info) - 1]).model.state_dict()
+    return {BACKBONE_PREFIX + k: ckpt.state_dict[k] for k in keep}
+
+
+def convert(source: str | EncoderCheckpoint, output: str | Path) -> Path:
+    """Write the mmseg checkpoint; returns its path. ``meta`` records the backbone and its preprocessing."""
+    ckpt = source if isinstance(source, EncoderCheckpoint) else load_encoder(source)
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"backbone": ckpt.backbone, "image_size": ckpt.image_size, "mean": [m * 255 for m in ckpt.mean],
+            "std": [s * 255 for s in ckpt.std], "source": ckpt.source, "bgr_to_rgb": True}
+    torch.save({"state_dict": mmseg_state_dict(ckpt), "meta": meta}, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="ContextEncoder dir, timm encoder dir, Hub id or random:<timm>")
+    p.add_argument("--output", required=True, help="the .pth to write")
+    args = p.parse_args(argv)
+    try:
+        print(f"wrote {convert(args.model, args.output)}")
+    except CheckpointError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()
