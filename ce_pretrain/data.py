@@ -29,6 +29,7 @@ __all__ = [
     "DataSourceError",
     "EpochSampler",
     "ImageDataset",
+    "StreamingImageDataset",
     "collate",
     "list_images",
     "load_rgb",
@@ -186,14 +187,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def _decode(self, index: int) -> Image.Image:
         if self.image_column is None:
             return load_rgb(self.items[index], min_side=self.load_size)
-        value = self.items[index][self.image_column]
-        if isinstance(value, dict) and value.get("bytes") is not None:
-            import io
-
-            value = Image.open(io.BytesIO(value["bytes"]))
-        elif isinstance(value, dict) and value.get("path"):
-            value = value["path"]
-        return load_rgb(value) if isinstance(value, Image.Image) else load_rgb(value, min_side=self.load_size)
+        return _decode_value(self.items[index][self.image_column], self.load_size)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
         epoch, index = key
@@ -204,11 +198,75 @@ class ImageDataset(torch.utils.data.Dataset):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # PIL's EXIF/ICC chatter on odd files
                     img = self._open(i)
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
+            except _BAD_IMAGE:
                 bad.append(self._name(i))
                 continue
             return random_crop(img, self.image_size, self.load_size, _sample_rng(self.seed, epoch, index)), bad
         raise DataSourceError(f"none of the {len(self)} images could be read")
+
+
+def _decode_value(value, load_size: int) -> Image.Image:
+    """An image cell of a Hugging Face dataset (PIL image, ``{"bytes"|"path"}`` dict, or path) → RGB."""
+    if isinstance(value, dict) and value.get("bytes") is not None:
+        import io
+
+        return load_rgb(Image.open(io.BytesIO(value["bytes"])))
+    if isinstance(value, dict) and value.get("path"):
+        value = value["path"]
+    return load_rgb(value) if isinstance(value, Image.Image) else load_rgb(value, min_side=load_size)
+
+
+_BAD_IMAGE = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class StreamingImageDataset(torch.utils.data.IterableDataset):
+    """Random crops from a streamed Hugging Face dataset (``--streaming``), for sets too large to download first.
+
+    Each epoch reshuffles the stream with a buffer (seeded), each process reads its own shard, and a resumed run
+    skips the ``start`` good examples this process already used, so it continues exactly where it stopped.
+    Yields ``(crop, bad)`` like :class:`ImageDataset`; undecodable examples are skipped and reported with the next
+    crop. Use it with at most one loader worker (the position in a stream is sequential).
+
+    Args:
+        stream: a ``datasets.IterableDataset``.
+        image_size: crop side.
+        image_column: the column holding the images.
+        seed: shuffling and augmentation seed.
+        rank: this process's index.
+        world_size: number of processes.
+        start: good examples of this process already consumed.
+        buffer_size: shuffle buffer.
+    """
+
+    def __init__(self, stream, image_size: int, image_column: str, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, start: int = 0, buffer_size: int = 10_000):
+        super().__init__()
+        self.stream, self.image_size, self.image_column = stream, image_size, image_column
+        self.load_size = round(image_size * 256 / 227)
+        self.seed, self.rank, self.world_size, self.start, self.buffer_size = seed, rank, world_size, start, buffer_size
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, list[str]]]:
+        from datasets.distributed import split_dataset_by_node
+
+        shard = split_dataset_by_node(self.stream, rank=self.rank, world_size=self.world_size)
+        good, epoch, bad = 0, 0, []
+        while True:
+            seen = 0
+            for row, example in enumerate(shard.shuffle(seed=self.seed * 100_003 + epoch, buffer_size=self.buffer_size)):
+                seen += 1
+                if good < self.start:  # resuming: skip what was used, without decoding it
+                    good += 1
+                    continue
+                try:
+                    img = _decode_value(example[self.image_column], self.load_size)
+                except _BAD_IMAGE:
+                    bad.append(f"epoch {epoch} row {row}")
+                    continue
+                yield random_crop(img, self.image_size, self.load_size, _sample_rng(self.seed, epoch, good)), bad
+                good, bad = good + 1, []
+            if seen == 0:
+                raise DataSourceError("the streamed dataset yielded no examples")
+            epoch += 1
 
 
 def collate(batch: Sequence[tuple[np.ndarray, list[str]]]) -> tuple[torch.Tensor, list[str]]:
@@ -250,6 +308,8 @@ class EpochSampler(torch.utils.data.Sampler):
 def _hf_image_column(ds) -> str:
     from datasets import Image as HFImage
 
+    if not ds.features:  # some streamed datasets do not declare their columns
+        return "image"
     for name, feature in ds.features.items():
         if isinstance(feature, HFImage):
             return name
@@ -259,11 +319,12 @@ def _hf_image_column(ds) -> str:
     raise DataSourceError(f"the dataset has no image column (columns: {', '.join(ds.features)})")
 
 
-def open_source(data: str | None, split: str = "train") -> tuple[object, str | None, str]:
+def open_source(data: str | None, split: str = "train", streaming: bool = False) -> tuple[object, str | None, str]:
     """Resolve ``--data`` into ``(items, image_column, description)`` without building any model.
 
     ``None`` is the built-in sample; an existing folder is searched for images, unless it is a dataset written by
-    ``datasets``' ``save_to_disk``; anything else is a Hugging Face dataset name.
+    ``datasets``' ``save_to_disk``; anything else is a Hugging Face dataset name (with ``streaming``, a
+    ``datasets.IterableDataset`` read as it downloads).
 
     Raises:
         DataSourceError: with a one-line reason.
@@ -284,6 +345,8 @@ def open_source(data: str | None, split: str = "train") -> tuple[object, str | N
             ds = ds[split]
         if len(ds) == 0:
             raise DataSourceError(f"dataset {data!r} is empty")
+        if streaming:
+            return ds.to_iterable_dataset(), _hf_image_column(ds), f"dataset {data!r} ({split}), streamed"
         return ds, _hf_image_column(ds), f"Hugging Face dataset {data!r} ({split}): {len(ds)} images"
     if path.exists() or os.sep in data or data.startswith("."):
         files = list_images(path)
@@ -294,7 +357,12 @@ def open_source(data: str | None, split: str = "train") -> tuple[object, str | N
         raise DataSourceError(f"{data!r} is no folder; Hugging Face datasets need `pip install "
                               "ce-pretrain[datasets]`") from e
     try:
-        ds = load_dataset(data, split=split)
+        ds = load_dataset(data, split=split, streaming=streaming)
+        if streaming:
+            column = _hf_image_column(ds)
+            return ds, column, f"Hugging Face dataset {data!r} ({split}), streamed"
+    except DataSourceError:
+        raise
     except Exception as e:  # the datasets library raises many types; the message is what the user needs
         raise DataSourceError(f"cannot load dataset {data!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if len(ds) == 0:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -42,6 +43,7 @@ PRESETS: dict[str, dict] = {
                        max_steps=100_000),
 }
 DEMO_MAX_STEPS = 200
+DEMO_BATCH_SIZE = 16
 MASK_CHOICES = ("center", "random-block", "random-region", "none")
 
 
@@ -57,6 +59,7 @@ class TrainConfig:
     backbone: str = "alexnet"
     data: str | None = None
     data_split: str = "train"
+    streaming: bool = False
     image_size: int = 227
     pred_size: int | None = None
     overlap: int = 0
@@ -125,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="λadv of the joint loss (λrec = 1 − λadv); 0 disables the discriminator; default: the "
                         "preset's (0 / 0.001)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--batch-size", type=int, help="images per process per step; default: the preset's (64)")
+    o.add_argument("--batch-size", type=int,
+                   help=f"images per process per step; default: the preset's (64), or {DEMO_BATCH_SIZE} on the demo set")
     o.add_argument("--max-steps", type=int,
                    help=f"optimizer steps; default: the preset's 100000, or {DEMO_MAX_STEPS} on the demo set")
     o.add_argument("--lr", type=float, help="Adam learning rate of the context encoder; default: the preset's")
@@ -144,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "dataset saved with datasets' save_to_disk, or a Hugging Face dataset name; "
                                   "default: the built-in demo photographs")
     d.add_argument("--data-split", default="train", help="split of a Hugging Face dataset")
+    d.add_argument("--streaming", action="store_true",
+                   help="stream a Hugging Face dataset instead of downloading it first (one loader worker)")
     d.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes")
     r = p.add_argument_group("outputs")
     r.add_argument("--output-dir", default="runs/ce-pretrain", help="where checkpoints, samples, logs and the "
@@ -177,13 +183,15 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         preset["max_steps"] = args.max_steps
     elif args.data is None:
         preset["max_steps"] = DEMO_MAX_STEPS
+    if args.data is None and args.batch_size is None:
+        preset["batch_size"] = DEMO_BATCH_SIZE  # 17 photographs: larger batches only repeat them
     if args.preset == "features" and preset["mask"] == "center" and args.lr is None:
         preset["lr"] = 1e-3  # §5.2: "a constant learning rate of 10⁻³ for the center-region masks"
     if args.preset == "inpainting" and args.image_size is not None:
         preset["pred_size"] = args.image_size // 2
     log_with = [t.strip() for t in args.log_with.split(",") if t.strip() and t.strip() != "none"]
     cfg = TrainConfig(
-        preset=args.preset, data=args.data, data_split=args.data_split, mask_shapes=args.mask_shapes,
+        preset=args.preset, data=args.data, data_split=args.data_split, streaming=args.streaming, mask_shapes=args.mask_shapes,
         mask_source=args.mask_source, loss=args.loss, discriminator_lr=args.discriminator_lr,
         weight_decay=args.weight_decay, gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision or "no", output_dir=args.output_dir,
@@ -231,8 +239,14 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"mixed precision {cfg.mixed_precision!r} is not one of no, fp16, bf16")
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_dir():
         raise ConfigError(f"--resume checkpoint {cfg.resume!r} does not exist")
+    if cfg.streaming and (cfg.data is None or Path(cfg.data).is_dir() and not _is_saved_dataset(cfg.data)):
+        raise ConfigError("--streaming applies to Hugging Face datasets, not to image folders or the demo set")
     if cfg.adversarial and cfg.mask == "none":
         raise ConfigError("the autoencoder baseline (--mask none) has no hole for the adversarial loss to judge")
+
+
+def _is_saved_dataset(path: str) -> bool:
+    return any((Path(path) / name).exists() for name in ("dataset_info.json", "dataset_dict.json"))
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -396,7 +410,7 @@ def train(cfg: TrainConfig, items, image_column: str | None, description: str) -
     from accelerate.utils import ProjectConfiguration, gather_object, set_seed
     from tqdm.auto import tqdm
 
-    from ce_pretrain.data import EpochSampler, ImageDataset, collate
+    from ce_pretrain.data import EpochSampler, ImageDataset, StreamingImageDataset, collate
     from ce_pretrain.export import save_timm_encoder
     from ce_pretrain.masks import ShapeBank
 
@@ -431,13 +445,19 @@ def train(cfg: TrainConfig, items, image_column: str | None, description: str) -
             log(f"resumed from {ckpt} at step {state.step}")
 
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps
-    sampler = EpochSampler(len(items), seed=cfg.seed, rank=accelerator.process_index,
-                           world_size=accelerator.num_processes, start=state.step * per_step)
-    dataset = ImageDataset(items, cfg.image_size, seed=cfg.seed, image_column=image_column, cache=len(items) <= 256)
+    rank, world, start_at = accelerator.process_index, accelerator.num_processes, state.step * per_step
+    if cfg.streaming:
+        dataset = StreamingImageDataset(items, cfg.image_size, image_column, seed=cfg.seed, rank=rank,
+                                        world_size=world, start=start_at)
+        sampler, workers = None, min(cfg.num_workers, 1)
+    else:
+        dataset = ImageDataset(items, cfg.image_size, seed=cfg.seed, image_column=image_column,
+                               cache=len(items) <= 256)
+        sampler = EpochSampler(len(items), seed=cfg.seed, rank=rank, world_size=world, start=start_at)
+        workers = cfg.num_workers
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0,
-        prefetch_factor=4 if cfg.num_workers > 0 else None,
+        dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
     )
     batches = iter(loader)
     if accelerator.is_main_process:
@@ -447,7 +467,11 @@ def train(cfg: TrainConfig, items, image_column: str | None, description: str) -
     # a fixed batch with fixed masks for the sample grids, so they are comparable over time
     vis_images = vis_mask = None
     if accelerator.is_main_process:
-        vis = [dataset[(0, i % len(dataset))][0] for i in range(min(6, len(dataset)))]
+        if cfg.streaming:
+            vis = [crop for crop, _ in itertools.islice(iter(StreamingImageDataset(
+                items, cfg.image_size, image_column, seed=cfg.seed + 1, buffer_size=1)), 6)]
+        else:
+            vis = [dataset[(0, i % len(dataset))][0] for i in range(min(6, len(dataset)))]
         vis_images = torch.from_numpy(np.stack(vis)).to(device).float().div(255)
         vis_mask = _mask_batch(cfg, len(vis), torch.Generator().manual_seed(cfg.seed), device, shapes)
     sample_every = cfg.sample_every or cfg.checkpoint_every
@@ -629,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             resolve_backbone_name(cfg.backbone)
-            items, column, description = open_source(cfg.data, cfg.data_split)
+            items, column, description = open_source(cfg.data, cfg.data_split, streaming=cfg.streaming)
         except (DataSourceError, UnknownBackboneError) as e:
             raise ConfigError(str(e)) from e
         if cfg.resume not in (None, "latest"):

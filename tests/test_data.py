@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -99,3 +101,20 @@ def test_open_source_errors(tmp_path):
         open_source(str(tmp_path / "nope"))
     items, column, desc = open_source(None)
     assert "demo" in desc and column is None
+
+
+def test_streaming_resumes_exactly(image_folder):
+    datasets = pytest.importorskip("datasets", reason="the [datasets] extra is not installed")
+    from ce_pretrain.data import StreamingImageDataset
+
+    files = [str(p) for p in list_images(image_folder)]
+    ds = datasets.Dataset.from_dict({"image": files}).cast_column("image", datasets.Image())
+    stream = ds.to_iterable_dataset(num_shards=2)
+    full = list(itertools.islice(iter(StreamingImageDataset(stream, 32, "image", seed=4, buffer_size=5)), 30))
+    assert len(full) == 30  # runs on through epochs
+    resumed = list(itertools.islice(iter(StreamingImageDataset(stream, 32, "image", seed=4, buffer_size=5,
+                                                               start=17)), 13))
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(full[17:], resumed))
+    shards = [list(itertools.islice(iter(StreamingImageDataset(stream, 32, "image", rank=r, world_size=2)), 6))
+              for r in range(2)]
+    assert not any(np.array_equal(a[0], b[0]) for a in shards[0] for b in shards[1])

@@ -98,6 +98,7 @@ def test_bad_files_are_skipped_and_reported(image_folder, tmp_path):
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--push-to-hub"], "--hub-model-id"),
     (["--resume", "/no/checkpoint"], "does not exist"),
+    (["--streaming"], "--streaming applies to Hugging Face datasets"),
 ])
 def test_bad_flags_stop_at_once_with_one_line(args, message, tmp_path, capsys):
     out = tmp_path / "never"
@@ -151,3 +152,13 @@ def test_two_process_ddp_on_cpu(image_folder, tmp_path):
     # each process drew its own images: 3 steps × 4 images × 2 processes
     assert summary["images_per_second"] * summary["seconds"] == pytest.approx(24, rel=0.02)
     ContextEncoder.from_pretrained(str(out))
+
+
+def test_streamed_dataset_trains(image_folder, tmp_path):
+    datasets = pytest.importorskip("datasets", reason="the [datasets] extra is not installed")
+    ds = datasets.Dataset.from_dict({"image": [str(p) for p in sorted(image_folder.iterdir())]})
+    ds.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "saved"))
+    out = tmp_path / "run"
+    proc = run("--data", str(tmp_path / "saved"), "--streaming", "--output-dir", str(out), "--max-steps", "4", *TINY)
+    assert "streamed" in proc.stdout
+    assert json.loads((out / "train_summary.json").read_text())["steps"] == 4
