@@ -27,6 +27,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from .layers import dcgan_init_
+
 __all__ = ["AlexNet", "DCGANEncoder"]
 
 
@@ -256,14 +258,7 @@ class DCGANEncoder(_TappedFeatures):
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
         self.drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(prev, num_classes) if num_classes > 0 else nn.Identity()
-        for m in self.modules():  # DCGAN initialisation, as in the original code
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.normal_(m.weight, 1.0, 0.02)
-                nn.init.zeros_(m.bias)
+        dcgan_init_(self)
 
     def _drop_head(self) -> None:
         self.pool = nn.Identity()

@@ -6,6 +6,8 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from .layers import dcgan_init_
+
 __all__ = ["Discriminator"]
 
 
@@ -35,14 +37,7 @@ class Discriminator(nn.Module, PyTorchModelHubMixin, library_name="ce-pretrain",
             size, chans = size // 2, nxt
         layers.append(nn.Conv2d(chans, 1, size))
         self.net = nn.Sequential(*layers)
-        for m in self.modules():  # DCGAN initialisation
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.normal_(m.weight, 1.0, 0.02)
-                nn.init.zeros_(m.bias)
+        dcgan_init_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """patches ``[B, C, S, S]`` in the model's normalised space → logits ``[B]``."""

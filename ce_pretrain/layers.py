@@ -8,7 +8,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ChannelWiseFC", "UpConvDecoder", "num_upconvs"]
+__all__ = ["ChannelWiseFC", "UpConvDecoder", "dcgan_init_", "num_upconvs"]
+
+
+def dcgan_init_(module: nn.Module) -> None:
+    """DCGAN initialisation, as in the original code: convolutions (and the fully-connected layers that stand for
+    whole-map convolutions) N(0, 0.02), BatchNorm scales N(1, 0.02)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
 
 
 class ChannelWiseFC(nn.Module):

@@ -14,7 +14,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from . import backbones as _backbones  # noqa: F401  (registers alexnet, alexnet_poolfree, dcgan_encoder)
-from .layers import ChannelWiseFC, UpConvDecoder, num_upconvs
+from .layers import ChannelWiseFC, UpConvDecoder, dcgan_init_, num_upconvs
 
 __all__ = ["ContextEncoder", "IncompatibleCheckpointError", "UnknownBackboneError", "resolve_backbone_name"]
 
@@ -169,6 +169,9 @@ class ContextEncoder(
             top = 512 if bottleneck == "fc" else width
             decoder_channels = [max(32, top // 2**i) for i in range(n_up)]
         self.decoder = UpConvDecoder(width, start, (self.pred_size, self.pred_size), list(decoder_channels))
+        if bottleneck == "fc":  # the inpainting model is a DCGAN generator: initialise it like one (train.lua)
+            dcgan_init_(self.bottleneck)
+            dcgan_init_(self.decoder)
 
     # ----------------------------------------------------------------------------------------------- pipeline
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
