@@ -471,7 +471,8 @@ def train(cfg: TrainConfig, items, image_column: str | None, description: str) -
             vis = [crop for crop, _ in itertools.islice(iter(StreamingImageDataset(
                 items, cfg.image_size, image_column, seed=cfg.seed + 1, buffer_size=1)), 6)]
         else:
-            vis = [dataset[(0, i % len(dataset))][0] for i in range(min(6, len(dataset)))]
+            n = min(6, len(dataset))  # spread over the (sorted) data: not six images of its first folder
+            vis = [dataset[(0, i * len(dataset) // n)][0] for i in range(n)]
         vis_images = torch.from_numpy(np.stack(vis)).to(device).float().div(255)
         vis_mask = _mask_batch(cfg, len(vis), torch.Generator().manual_seed(cfg.seed), device, shapes)
     sample_every = cfg.sample_every or cfg.checkpoint_every
