@@ -38,6 +38,7 @@ class DetectionConfig:
     fpn: bool | None = None
     min_size: int = 600
     max_size: int = 1000
+    test_proposals: int = 1000
     epochs: int = 12
     max_steps: int | None = None
     batch_size: int = 2
@@ -95,7 +96,8 @@ def run(cfg: DetectionConfig) -> dict:
     train_set = VOCDetection(cfg.data_root, cfg.year, ids=train_ids, transform=_flip)
     train_set.ids = [i for i in train_set.ids if len(train_set.annotation(i).labels)]
     test_set = VOCDetection(cfg.data_root, cfg.year, ids=test_ids, keep_difficult=True)
-    model = build_faster_rcnn(ckpt, len(VOC_CLASSES) + 1, cfg.fpn, cfg.min_size, cfg.max_size)
+    model = build_faster_rcnn(ckpt, len(VOC_CLASSES) + 1, cfg.fpn, cfg.min_size, cfg.max_size,
+                              rpn_post_nms_top_n_test=cfg.test_proposals)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, collate_fn=_collate,
@@ -142,6 +144,7 @@ def parse_args(argv: list[str] | None = None) -> DetectionConfig:
                    help="multi-scale FPN (default: off for AlexNet, on otherwise)")
     p.add_argument("--min-size", type=int, default=600)
     p.add_argument("--max-size", type=int, default=1000)
+    p.add_argument("--test-proposals", type=int, default=1000, help="RPN proposals kept per test image")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--batch-size", type=int, default=2)
