@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from .atomic import write_text_atomic
 
 __all__ = ["build_parser", "main"]
 
@@ -29,15 +30,6 @@ class CLIError(Exception):
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _device(name: str | None) -> torch.device:
@@ -153,7 +145,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
           f"{100 * result.hole_fraction:.1f}% of each {model.image_size}² image")
     print(result.table())
     if json_path is not None:
-        _write_text(json_path, json.dumps(result.to_dict(), indent=2) + "\n")
+        write_text_atomic(json_path, json.dumps(result.to_dict(), indent=2) + "\n")
     return 0
 
 
@@ -207,7 +199,7 @@ def _cmd_card(args: argparse.Namespace) -> int:
     text = render_model_card(dict(model._hub_mixin_config), training, evaluation,
                              model_id=args.repo_id or Path(args.model).name,
                              num_parameters=sum(p.numel() for p in model.parameters()))
-    _write_text(out, text)
+    write_text_atomic(out, text)
     print(f"model card written to {out}")
     return 0
 

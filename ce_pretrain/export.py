@@ -23,6 +23,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from .atomic import write_atomic, write_text_atomic
 from .model import ContextEncoder
 
 __all__ = ["save_timm_encoder", "timm_encoder_state_dict"]
@@ -41,12 +42,6 @@ def timm_encoder_state_dict(model: ContextEncoder) -> tuple[dict[str, torch.Tens
             state[key] = value.contiguous()
             reinit.append(key)
     return state, reinit
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def save_timm_encoder(model: ContextEncoder, directory: str | os.PathLike) -> Path:
@@ -80,6 +75,6 @@ def save_timm_encoder(model: ContextEncoder, directory: str | os.PathLike) -> Pa
     kwargs = model._hub_mixin_config.get("backbone_kwargs") if hasattr(model, "_hub_mixin_config") else None
     if kwargs:
         config["model_args"] = kwargs
-    _write_atomic(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    _write_atomic(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    write_atomic(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    write_text_atomic(out / "config.json", json.dumps(config, indent=2) + "\n")
     return out

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .atomic import write_atomic
+
 __all__ = ["labelled_grid", "save_png", "to_pil"]
 
 BACKGROUND = (255, 255, 255)
@@ -24,14 +26,7 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     """Write a PNG through a temporary file and ``os.replace``: readers never see a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def _fit(image: Image.Image, tile: int) -> Image.Image:

@@ -19,6 +19,8 @@ from string import Template
 
 from huggingface_hub import ModelCardData
 
+from .atomic import write_text_atomic
+
 __all__ = ["TEMPLATE", "render_model_card", "write_model_card"]
 
 PAPER_URL = "https://arxiv.org/abs/1604.07379"
@@ -287,11 +289,4 @@ def write_model_card(directory: str | os.PathLike, model, training: dict | None 
     config = dict(getattr(model, "_hub_mixin_config", None) or {})
     text = render_model_card(config, training, evaluation, model_id=out.name,
                              num_parameters=sum(p.numel() for p in model.parameters()))
-    path = out / "README.md"
-    tmp = out / f".README.md.{os.getpid()}.tmp"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_text_atomic(out / "README.md", text)

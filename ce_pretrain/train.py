@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import math
 import os
 import shutil
 import sys
@@ -383,10 +382,10 @@ def save_sample_grid(model, images: torch.Tensor, mask: torch.Tensor, path: Path
     grid = make_grid(rows.clamp(0, 1).cpu(), nrow=6 if len(images) > 1 else 3, padding=2, pad_value=1.0)
     from PIL import Image
 
+    from ce_pretrain.figure import save_png
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype("uint8")).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    save_png(Image.fromarray((grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype("uint8")), path)
 
 
 # ------------------------------------------------------------------------------------------------------- main
