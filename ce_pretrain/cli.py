@@ -196,7 +196,7 @@ def _cmd_card(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.model) / "README.md"
     if not out.parent.is_dir():
         raise CLIError(f"--out {str(out)!r}: folder {str(out.parent)!r} does not exist")
-    text = render_model_card(dict(model._hub_mixin_config), training, evaluation,
+    text = render_model_card(model.config, training, evaluation,
                              model_id=args.repo_id or Path(args.model).name,
                              num_parameters=sum(p.numel() for p in model.parameters()))
     write_text_atomic(out, text)

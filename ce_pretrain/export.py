@@ -31,7 +31,7 @@ __all__ = ["save_timm_encoder", "timm_encoder_state_dict"]
 
 def timm_encoder_state_dict(model: ContextEncoder) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The encoder as a full ``num_classes=0`` timm state dict, and the keys filled with fresh initialisation."""
-    kwargs = dict(model._hub_mixin_config.get("backbone_kwargs") or {}) if hasattr(model, "_hub_mixin_config") else {}
+    kwargs = dict(model.config.get("backbone_kwargs") or {})
     fresh = timm.create_model(model.backbone_name, pretrained=False, num_classes=0, **kwargs).state_dict()
     trained = model.encoder.model.state_dict()
     state, reinit = {}, []
@@ -72,7 +72,7 @@ def save_timm_encoder(model: ContextEncoder, directory: str | os.PathLike) -> Pa
             "reinitialized": reinit,
         },
     }
-    kwargs = model._hub_mixin_config.get("backbone_kwargs") if hasattr(model, "_hub_mixin_config") else None
+    kwargs = model.config.get("backbone_kwargs")
     if kwargs:
         config["model_args"] = kwargs
     write_atomic(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))

@@ -15,6 +15,7 @@ from torch import nn
 
 from . import backbones as _backbones  # noqa: F401  (registers alexnet, alexnet_poolfree, dcgan_encoder)
 from .layers import ChannelWiseFC, UpConvDecoder, dcgan_init_, num_upconvs
+from .weights import IncompatibleCheckpointError, load_state_dict_strict
 
 __all__ = ["ContextEncoder", "IncompatibleCheckpointError", "UnknownBackboneError", "resolve_backbone_name"]
 
@@ -23,10 +24,6 @@ BOTTLENECKS = ("channel-fc", "fc")
 
 class UnknownBackboneError(ValueError):
     """The backbone name is not a timm architecture."""
-
-
-class IncompatibleCheckpointError(RuntimeError):
-    """A checkpoint's tensors do not match the model built from its configuration."""
 
 
 def resolve_backbone_name(name: str) -> str:
@@ -173,6 +170,15 @@ class ContextEncoder(
             dcgan_init_(self.bottleneck)
             dcgan_init_(self.decoder)
 
+    @property
+    def config(self) -> dict:
+        """Every constructor argument, as ``config.json`` stores it (like timm's ``pretrained_cfg``).
+
+        ``ContextEncoder(**model.config)`` builds the same architecture; defaults are filled in, so a config
+        written by an older version still names every argument.
+        """
+        return dict(self._hub_mixin_config or {})
+
     # ----------------------------------------------------------------------------------------------- pipeline
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 1] pixels → the backbone's zero-centred input space."""
@@ -219,10 +225,6 @@ class ContextEncoder(
         full = images.clone()
         full[..., top: top + h, left: left + w] = pred.to(images.dtype)
         return full if mask is None else torch.where(mask, full, images)
-
-    def default_mask_kind(self) -> str:
-        """Centre masks for centre predictions; random regions otherwise (the paper's defaults)."""
-        return "center" if self.pred_size < self.image_size else "random-region"
 
     def _check_inputs(self, images: torch.Tensor, mask: torch.Tensor | None) -> None:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -280,23 +282,7 @@ class ContextEncoder(
         from safetensors.torch import load_file
 
         state = load_file(str(path), device=map_location)
-        own = self.state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        shapes = [f"{k}: checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}"
-                  for k in own if k in state and state[k].shape != own[k].shape]
-        if shapes or (strict and (missing or unexpected)):
-            def head(items: list[str]) -> str:
-                return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
-
-            parts = [f"{len(missing)} missing ({head(missing)})" if missing else "",
-                     f"{len(unexpected)} unexpected ({head(unexpected)})" if unexpected else "",
-                     f"{len(shapes)} of another shape ({head(shapes)})" if shapes else ""]
-            raise IncompatibleCheckpointError(
-                f"checkpoint {str(path)!r} does not fit ContextEncoder(backbone={self.backbone_name!r}, "
-                f"image_size={self.image_size}): " + "; ".join(p for p in parts if p)
-            )
-        self.load_state_dict(state, strict=strict)
+        load_state_dict_strict(self, state, f"checkpoint {str(path)!r}", strict=strict)
 
     # ------------------------------------------------------------------------------------------- model card
     def generate_model_card(self, *args, training: dict | None = None, evaluation: dict | None = None,
@@ -308,5 +294,5 @@ class ContextEncoder(
         """
         from .model_card import render_model_card
 
-        return ModelCard(render_model_card(dict(self._hub_mixin_config or {}), training, evaluation, model_id=repo_id,
+        return ModelCard(render_model_card(self.config, training, evaluation, model_id=repo_id,
                                            num_parameters=sum(p.numel() for p in self.parameters())))

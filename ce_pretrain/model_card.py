@@ -286,7 +286,7 @@ def write_model_card(directory: str | os.PathLike, model, training: dict | None 
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    config = dict(getattr(model, "_hub_mixin_config", None) or {})
+    config = dict(getattr(model, "config", None) or {})
     text = render_model_card(config, training, evaluation, model_id=out.name,
                              num_parameters=sum(p.numel() for p in model.parameters()))
     return write_text_atomic(out / "README.md", text)

@@ -35,18 +35,12 @@ class CheckpointError(RuntimeError):
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """Load ``state`` into ``module`` and fail with one line unless every key and shape matches both ways."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or shapes:
-        def head(keys: list[str]) -> str:
-            return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+    from ce_pretrain.weights import IncompatibleCheckpointError, load_state_dict_strict
 
-        parts = [f"missing {head(missing)}" if missing else "", f"unexpected {head(unexpected)}" if unexpected else "",
-                 f"mis-shaped {head(shapes)}" if shapes else ""]
-        raise CheckpointError(f"{what} does not fit: " + "; ".join(p for p in parts if p))
-    module.load_state_dict(state, strict=True)
+    try:
+        load_state_dict_strict(module, state, what)
+    except IncompatibleCheckpointError as err:
+        raise CheckpointError(str(err)) from None
 
 
 @dataclass
@@ -91,7 +85,7 @@ def _from_context_encoder(model, source: str) -> EncoderCheckpoint:
     from ce_pretrain.export import timm_encoder_state_dict
 
     state, _ = timm_encoder_state_dict(model)
-    kwargs = dict(getattr(model, "_hub_mixin_config", {}).get("backbone_kwargs") or {})
+    kwargs = dict(model.config.get("backbone_kwargs") or {})
     return EncoderCheckpoint(
         backbone=model.backbone_name, state_dict=state, image_size=model.image_size,
         mean=tuple(model.mean.flatten().tolist()), std=tuple(model.std.flatten().tolist()),
