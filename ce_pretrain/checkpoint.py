@@ -1,4 +1,5 @@
-"""Atomic, resumable checkpoints: ``accelerator.save_state`` into a temporary folder, renamed into place when complete."""
+"""Atomic, resumable checkpoints: ``accelerator.save_state`` into a temporary folder, renamed into place once
+complete."""
 
 from __future__ import annotations
 

@@ -233,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
         if device:
             p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
+    def masked_search(p: argparse.ArgumentParser, limit: int | None, limit_help: str) -> None:
+        """Flags shared by the commands that mask many images and search a pool (evaluate, neighbors)."""
+        p.add_argument("--mask", default="center", choices=MASK_KINDS, help="mask kind (default: center, as the paper)")
+        p.add_argument("--limit", type=int, default=limit, help=limit_help)
+        p.add_argument("--pool-limit", type=int, default=None, help="use the first N pool images")
+        p.add_argument("--seed", type=int, default=0, help="seed of random masks")
+        p.add_argument("--batch-size", type=int, default=32)
+
     p = sub.add_parser("inpaint", help="fill the hole of images; writes masked input, result and a grid",
                        description="Fill the hole of each image: the prediction is blended into the untouched "
                                    "context and pasted back at the image's own resolution.")
@@ -252,12 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--data", required=True, metavar="FOLDER", help="held-out images")
     p.add_argument("--pool", metavar="FOLDER", help="other images for the nearest-neighbour baselines")
-    p.add_argument("--mask", default="center", choices=MASK_KINDS, help="mask kind (default: center, as the paper)")
     p.add_argument("--json", metavar="OUT", help="also write the numbers to this JSON file")
-    p.add_argument("--limit", type=int, default=None, help="use the first N held-out images")
-    p.add_argument("--pool-limit", type=int, default=None, help="use the first N pool images")
-    p.add_argument("--seed", type=int, default=0, help="seed of random masks")
-    p.add_argument("--batch-size", type=int, default=32)
+    masked_search(p, limit=None, limit_help="use the first N held-out images")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("neighbors", help="Fig. 8: nearest neighbours of a hole from its context, encoder vs HOG",
@@ -267,13 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query", required=True, metavar="FOLDER", help="query images")
     p.add_argument("--pool", required=True, metavar="FOLDER", help="images to search")
     p.add_argument("--output", "--out", dest="out", required=True, metavar="GRID.png", help="the figure")
-    p.add_argument("--mask", default="center", choices=MASK_KINDS, help="mask kind (default: center)")
     p.add_argument("-k", "--k", type=int, default=5, help="neighbours per method (default: 5)")
-    p.add_argument("--limit", type=int, default=8, help="use the first N query images (default: 8)")
-    p.add_argument("--pool-limit", type=int, default=None, help="use the first N pool images")
-    p.add_argument("--seed", type=int, default=0, help="seed of random masks")
     p.add_argument("--tile", type=int, default=128, help="side of each tile in pixels")
-    p.add_argument("--batch-size", type=int, default=32)
+    masked_search(p, limit=8, limit_help="use the first N query images (default: 8)")
     p.set_defaults(func=_cmd_neighbors)
 
     p = sub.add_parser("card", help="write the Hugging Face model card of a model folder",

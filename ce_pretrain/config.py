@@ -117,7 +117,8 @@ def build_parser(prog: str = "ce_pretrain/train.py") -> argparse.ArgumentParser:
                         "preset's (0 / 0.001)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch-size", type=int,
-                   help=f"images per process per step; default: the preset's (64), or {DEMO_BATCH_SIZE} on the demo set")
+                   help=f"images per process per step; default: the preset's (64), or {DEMO_BATCH_SIZE} on the "
+                        "demo set")
     o.add_argument("--max-steps", type=int,
                    help=f"optimizer steps; default: the preset's 100000, or {DEMO_MAX_STEPS} on the demo set")
     o.add_argument("--lr", type=float, help="Adam learning rate of the context encoder; default: the preset's")
@@ -179,7 +180,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         preset["pred_size"] = args.image_size // 2
     log_with = [t.strip() for t in args.log_with.split(",") if t.strip() and t.strip() != "none"]
     cfg = TrainConfig(
-        preset=args.preset, data=args.data, data_split=args.data_split, streaming=args.streaming, mask_shapes=args.mask_shapes,
+        preset=args.preset, data=args.data, data_split=args.data_split, streaming=args.streaming,
+        mask_shapes=args.mask_shapes,
         mask_source=args.mask_source, loss=args.loss, discriminator_lr=args.discriminator_lr,
         weight_decay=args.weight_decay, gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision or "no", output_dir=args.output_dir,

@@ -267,7 +267,8 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
         good, epoch, bad = 0, 0, []
         while True:
             seen = 0
-            for row, example in enumerate(shard.shuffle(seed=self.seed * 100_003 + epoch, buffer_size=self.buffer_size)):
+            shuffled = shard.shuffle(seed=self.seed * 100_003 + epoch, buffer_size=self.buffer_size)
+            for row, example in enumerate(shuffled):
                 seen += 1
                 if good < self.start:  # resuming: skip what was used, without decoding it
                     good += 1

@@ -191,7 +191,8 @@ class ShapeBank:
         return field + inside * 0.5 - (1 - inside) * 0.5
 
     @classmethod
-    def from_folder(cls, folder: str | Path, size: int = 64, min_pixels: int = 64, limit: int | None = None) -> ShapeBank:
+    def from_folder(cls, folder: str | Path, size: int = 64, min_pixels: int = 64,
+                    limit: int | None = None) -> ShapeBank:
         """Load every object of every PNG/BMP mask in ``folder`` (recursively).
 
         Each distinct label other than 0 (background) and 255 (void) is one object, as in VOC's
