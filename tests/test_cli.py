@@ -12,7 +12,7 @@ from ce_pretrain import ContextEncoder
 from ce_pretrain.cli import main
 
 ARGS = dict(backbone="dcgan_encoder", image_size=64, backbone_kwargs=dict(width=8))
-COMMANDS = ["inpaint", "evaluate", "neighbors", "card", "export"]
+COMMANDS = ["train", "inpaint", "evaluate", "neighbors", "card", "export"]
 
 
 def gradient(h: int, w: int, seed: int) -> np.ndarray:
