@@ -8,6 +8,7 @@ any data or model is touched (bad input: :class:`ConfigError`, one line).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,7 @@ class TrainConfig:
     hub_model_id: str | None = None
     num_workers: int = 4
     max_nonfinite_steps: int = 20
+    check_finite_every: int | None = None
     channels_last: bool = True
     cpu: bool = False
 
@@ -157,6 +159,9 @@ def build_parser(prog: str = "ce_pretrain/train.py") -> argparse.ArgumentParser:
     r.add_argument("--hub-model-id", help="Hub repository, e.g. user/ce-alexnet (needed with --push-to-hub)")
     o.add_argument("--max-nonfinite-steps", type=int, default=20,
                    help="stop with an error after this many consecutive steps with a non-finite loss")
+    o.add_argument("--check-finite-every", type=int,
+                   help="read the device's count of skipped non-finite steps every N steps (a host sync); "
+                        "default: --log-every")
     r.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="keep NCHW memory format (channels-last is faster on modern CPUs and GPUs)")
     return p
@@ -189,6 +194,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         sample_every=args.sample_every, log_every=args.log_every, resume=args.resume, seed=args.seed,
         log_with=log_with, push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id,
         num_workers=args.num_workers, channels_last=args.channels_last, max_nonfinite_steps=args.max_nonfinite_steps,
+        check_finite_every=args.check_finite_every,
         cpu=args.cpu,
         **{k: v for k, v in preset.items() if k in TrainConfig.__dataclass_fields__},
     )
@@ -203,9 +209,16 @@ def validate(cfg: TrainConfig) -> None:
     positive = dict(batch_size=cfg.batch_size, max_steps=cfg.max_steps, image_size=cfg.image_size,
                     checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
                     gradient_accumulation_steps=cfg.gradient_accumulation_steps, keep_checkpoints=cfg.keep_checkpoints)
+    if cfg.check_finite_every is not None:
+        positive["check_finite_every"] = cfg.check_finite_every
+    positive["max_nonfinite_steps"] = cfg.max_nonfinite_steps
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    finite = dict(lr=cfg.lr, discriminator_lr=cfg.discriminator_lr, beta1=cfg.beta1, weight_decay=cfg.weight_decay)
+    for name, value in finite.items():
+        if value is not None and not math.isfinite(value):  # nan passes every comparison below
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if cfg.lr <= 0:
         raise ConfigError(f"--lr must be positive, got {cfg.lr}")
     if cfg.num_workers < 0:
