@@ -48,6 +48,7 @@ class TrainConfig:
     data: str | None = None
     data_split: str = "train"
     streaming: bool = False
+    data_cache: str | None = None
     image_size: int = 227
     pred_size: int | None = None
     overlap: int = 0
@@ -141,6 +142,9 @@ def build_parser(prog: str = "ce_pretrain/train.py") -> argparse.ArgumentParser:
     d.add_argument("--data-split", default="train", help="split of a Hugging Face dataset")
     d.add_argument("--streaming", action="store_true",
                    help="stream a Hugging Face dataset instead of downloading it first (one loader worker)")
+    d.add_argument("--data-cache", metavar="FILE.npy",
+                   help="decode every image once into this memory-mapped file (built when missing or stale) and "
+                        "cut crops and flips on the device: the fast path for GPUs")
     d.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes")
     r = p.add_argument_group("outputs")
     r.add_argument("--output-dir", default="runs/ce-pretrain", help="where checkpoints, samples, logs and the "
@@ -186,6 +190,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     log_with = [t.strip() for t in args.log_with.split(",") if t.strip() and t.strip() != "none"]
     cfg = TrainConfig(
         preset=args.preset, data=args.data, data_split=args.data_split, streaming=args.streaming,
+        data_cache=args.data_cache,
         mask_shapes=args.mask_shapes,
         mask_source=args.mask_source, loss=args.loss, discriminator_lr=args.discriminator_lr,
         weight_decay=args.weight_decay, gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -244,6 +249,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--resume checkpoint {cfg.resume!r} does not exist")
     if cfg.streaming and (cfg.data is None or Path(cfg.data).is_dir() and not _is_saved_dataset(cfg.data)):
         raise ConfigError("--streaming applies to Hugging Face datasets, not to image folders or the demo set")
+    if cfg.data_cache and cfg.streaming:
+        raise ConfigError("--data-cache needs the whole dataset; it cannot be combined with --streaming")
     if cfg.adversarial and cfg.mask == "none":
         raise ConfigError("the autoencoder baseline (--mask none) has no hole for the adversarial loss to judge")
 

@@ -27,6 +27,7 @@ from .config import TrainConfig
 from .data import EpochSampler, ImageDataset, StreamingImageDataset, collate
 from .export import save_timm_encoder
 from .figure import save_sample_grid
+from .gpu_data import CachedCrops, open_cache
 from .masks import ShapeBank
 from .objective import ContextEncoderObjective, NonFiniteMonitor, all_finite, step_seed
 from .tracking import make_trackers, tracker_config
@@ -40,6 +41,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     GPUs run DDP over gloo on CPUs."""
     out = Path(cfg.output_dir)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest kernels once
     return Accelerator(
         cpu=cfg.cpu or (distributed and not torch.cuda.is_available()),
         mixed_precision=cfg.mixed_precision,
@@ -66,6 +68,12 @@ def make_loader(cfg: TrainConfig, items, image_column: str | None, accelerator: 
     """The data loader of this process, positioned after the ``start_step`` steps already taken."""
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps
     rank, world, start_at = accelerator.process_index, accelerator.num_processes, start_step * per_step
+    if cfg.data_cache:
+        dataset = ImageDataset(items, cfg.image_size, seed=cfg.seed, image_column=image_column)
+        with accelerator.main_process_first():  # one process builds the cache, the others then open it
+            cache, meta = open_cache(dataset, cfg.data_cache, num_workers=cfg.num_workers)
+        return CachedCrops(cache, cfg.image_size, cfg.batch_size, accelerator.device, seed=cfg.seed, rank=rank,
+                           world_size=world, start=start_at, unreadable=meta["unreadable"])
     if cfg.streaming:
         dataset = StreamingImageDataset(items, cfg.image_size, image_column, seed=cfg.seed, rank=rank,
                                         world_size=world, start=start_at)

@@ -113,7 +113,7 @@ def test_gradscaler_skips_a_nonfinite_step_without_raising():
     step(obj)
     before = snapshot(obj)
     scale = scaler.get_scale()
-    loss, _ = step(obj, poison=True)  # used to raise "No inf checks were recorded prior to update"
+    step(obj, poison=True)  # used to raise "No inf checks were recorded prior to update"
     after = snapshot(obj)
     assert changed(before, {k: after[k] for k in before}) == []
     # halved once per optimiser (accelerate updates the scale after each one's step)
@@ -175,7 +175,7 @@ def test_diverged_run_fails_and_keeps_only_finite_checkpoints(image_folder, tmp_
          "--backbone", "resnet18", "--image-size", "64", "--batch-size", "4", "--num-workers", "0",
          "--lr", "1e30", "--max-steps", "30", "--checkpoint-every", "1", "--max-nonfinite-steps", "3",
          "--log-with", "none"],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "non-finite" in last and "Traceback" not in proc.stderr
