@@ -161,6 +161,23 @@ def test_nonfinite_hyperparameters_are_refused_up_front(flag, tmp_path, capsys):
     assert len(err) == 1 and flag[0] in err[0], err
 
 
+def test_nonfinite_weights_are_never_saved(tmp_path):
+    from ce_pretrain.checkpoint import TrainState
+    from ce_pretrain.config import TrainConfig
+    from ce_pretrain.engine import ensure_finite_weights
+
+    cfg, state, obj = TrainConfig(output_dir=str(tmp_path)), TrainState(), tiny_objective()
+    state.step = 7
+    ensure_finite_weights(cfg, obj, state)  # finite: nothing to say
+    (tmp_path / "checkpoints" / "step_00000005").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_00000005" / "run.json").write_text("{}")
+    with torch.no_grad():
+        next(obj.core.parameters())[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite by step 7.*step_00000005"):
+        ensure_finite_weights(cfg, obj, state)
+
+
+@pytest.mark.slow
 def test_diverged_run_fails_and_keeps_only_finite_checkpoints(image_folder, tmp_path):
     import subprocess
     import sys
@@ -173,7 +190,8 @@ def test_diverged_run_fails_and_keeps_only_finite_checkpoints(image_folder, tmp_
     proc = subprocess.run(
         [sys.executable, "-m", "ce_pretrain.train", "--data", str(image_folder), "--output-dir", str(out),
          "--backbone", "resnet18", "--image-size", "64", "--batch-size", "4", "--num-workers", "0",
-         "--lr", "1e30", "--max-steps", "30", "--checkpoint-every", "1", "--max-nonfinite-steps", "3",
+         "--lr", "1e30", "--max-steps", "30", "--checkpoint-every", "1", "--sample-every", "1000",
+         "--max-nonfinite-steps", "3",
          "--log-with", "none"],
         capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
