@@ -55,6 +55,7 @@ $details
 - **Inpainting**: fill a hole in a photograph from its context (`ce-pretrain inpaint`), best at the
   kind of images and the mask shapes it was trained on.
 - **Feature analysis**: nearest neighbours of a hole from its context (`ce-pretrain neighbors`, the paper's Fig. 8).
+- **Demo**: `ce-pretrain demo --model $model_id` serves a web page that inpaints your images (also as a Space).
 
 Out of scope: restoring or inventing content that others will take as real (faces, documents, evidence); the
 predicted pixels are a plausible guess, not a recovery.
