@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import math
 import os
 import shutil
 import tempfile
@@ -32,8 +33,8 @@ from .inpaint import ImageReadError, inpaint, load_image, resize
 from .masks import MASK_KINDS
 from .model import ContextEncoder
 
-__all__ = ["BRUSH", "GRADIO_MISSING", "MAX_PIXELS", "MAX_UPLOAD", "add_demo_arguments", "brush_mask", "build_demo",
-           "read_upload", "require_gradio", "serve"]
+__all__ = ["BRUSH", "GRADIO_MISSING", "MAX_PIXELS", "MAX_UPLOAD", "DemoCallbacks", "add_demo_arguments", "brush_mask",
+           "build_demo", "read_upload", "require_gradio", "serve"]
 
 BRUSH = "brush"
 # 24 Mpx (a 6000×4000 photo): the full-resolution float copies of one request stay under ~2 GB
@@ -99,6 +100,11 @@ def brush_mask(layers: list[np.ndarray] | None, size: tuple[int, int]) -> torch.
     return F.interpolate(painted[None, None].float(), size=size, mode="nearest")[0] > 0.5
 
 
+def _seed(value: float | None) -> int:
+    """The seed box's value as a generator seed: empty → 0, anything else wrapped into [0, 2³²)."""
+    return int(value) % 2**32 if value is not None and math.isfinite(value) else 0
+
+
 def _preview(image: torch.Tensor) -> np.ndarray:
     """The image as uint8 ``[h, w, 3]``, shrunk so its longer side is at most :data:`PREVIEW_SIDE`."""
     h, w = image.shape[-2:]
@@ -107,8 +113,12 @@ def _preview(image: torch.Tensor) -> np.ndarray:
     return np.asarray(to_pil(small))
 
 
-class _Demo:
-    """The page's callbacks, bound to one model (and an optional pool of images for the neighbours tab)."""
+class DemoCallbacks:
+    """The page's callbacks, bound to one model (and an optional pool of images for the neighbours tab).
+
+    Each takes the components' values (the upload's path, the mask kind, the seed...) and returns theirs; expected
+    failures (a bad upload, nothing painted, a hole the model cannot fill) become a message, never an exception.
+    """
 
     def __init__(self, model: ContextEncoder, pool: torch.Tensor | None, pool_names: list[str], max_pixels: int):
         self.model = model.eval()
@@ -158,11 +168,11 @@ class _Demo:
                 mask = kind
             else:
                 raise ValueError(f"unknown mask {kind!r}")
-            generator = torch.Generator().manual_seed(int(seed or 0))
+            generator = torch.Generator().manual_seed(_seed(seed))
             res = inpaint(self.model, image, mask, generator)
         except (ImageReadError, ValueError) as e:
             return *nothing, f"⚠️ {e}"
-        except (torch.OutOfMemoryError, MemoryError):
+        except (torch.cuda.OutOfMemoryError, MemoryError):
             return *nothing, "⚠️ out of memory for this image; try a smaller one"
         masked, filled, original = to_pil(res.masked), to_pil(res.result), to_pil(res.image)
         out = save_png(filled, self._download_path(Path(path).stem))
@@ -181,7 +191,7 @@ class _Demo:
             image = read_upload(path, self.max_pixels)
             query = resize(image[None], self.model.image_size)
             k = max(1, min(int(k), len(self.pool)))
-            found, masks = context_neighbors(self.model, query, self.pool, mask=kind, k=k, seed=int(seed or 0))
+            found, masks = context_neighbors(self.model, query, self.pool, mask=kind, k=k, seed=_seed(seed))
         except (ImageReadError, ValueError) as e:
             return None, f"⚠️ {e}"
         grid = neighbor_grid(query, self.pool, found, masks, self.model.mean.flatten().cpu())
@@ -205,8 +215,8 @@ def build_demo(
         max_pixels: largest upload accepted, in pixels.
     """
     gr = require_gradio()
-    demo_fns = _Demo(model, pool, pool_names or [f"#{i}" for i in range(len(pool) if pool is not None else 0)],
-                     max_pixels)
+    names = pool_names or [f"#{i}" for i in range(len(pool) if pool is not None else 0)]
+    demo_fns = DemoCallbacks(model, pool, names, max_pixels)
     cache = (KEEP_SECONDS, KEEP_SECONDS)  # Gradio deletes its cached uploads and results after an hour, hourly
     with gr.Blocks(title="ce-pretrain demo", analytics_enabled=False, delete_cache=cache) as page:
         gr.Markdown("# Context encoder inpainting\nPathak et al., *Context Encoders: Feature Learning by "

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import os
+import runpy
 import shutil
 import socket
 import subprocess
@@ -20,7 +20,7 @@ from PIL import Image
 
 from ce_pretrain import ContextEncoder
 from ce_pretrain.cli import main
-from ce_pretrain.demo import _Demo, brush_mask, read_upload
+from ce_pretrain.demo import DemoCallbacks, brush_mask, read_upload
 from ce_pretrain.inpaint import ImageReadError, load_folder
 from ce_pretrain.space import write_space
 
@@ -121,7 +121,7 @@ def test_brush_mask_without_paint_asks_for_it(layers):
 
 # --------------------------------------------------------------------------------------------- callbacks
 def test_inpaint_callback_changes_the_hole_only_at_full_resolution(model, tmp_path):
-    demo = _Demo(model, None, [], max_pixels=10**6)
+    demo = DemoCallbacks(model, None, [], max_pixels=10**6)
     path = gradient(tmp_path / "photo.png", (200, 150))
     masked, filled, original, download, message = demo.on_inpaint(str(path), "center", 0, None)
     assert filled.size == original.size == masked.size == (200, 150)
@@ -135,7 +135,7 @@ def test_inpaint_callback_changes_the_hole_only_at_full_resolution(model, tmp_pa
 
 
 def test_inpaint_callback_with_a_painted_mask_and_seeded_random_masks(model, tmp_path):
-    demo = _Demo(model, None, [], max_pixels=10**6)
+    demo = DemoCallbacks(model, None, [], max_pixels=10**6)
     path = gradient(tmp_path / "photo.png", (120, 90))
     layer = np.zeros((45, 60, 4), np.uint8)  # a preview at half the resolution
     layer[10:20, 30:50, 3] = 255
@@ -147,10 +147,12 @@ def test_inpaint_callback_with_a_painted_mask_and_seeded_random_masks(model, tmp
     again = np.asarray(demo.on_inpaint(str(path), "random-region", 3, None)[1])
     other = np.asarray(demo.on_inpaint(str(path), "random-region", 4, None)[1])
     assert np.array_equal(first, again) and not np.array_equal(first, other)
+    for odd in (None, -1.0, 1e30, float("nan")):  # whatever the number box sends, a mask is drawn
+        assert demo.on_inpaint(str(path), "random-block", odd, None)[1] is not None
 
 
 def test_callbacks_answer_bad_uploads_with_a_message(model, tmp_path):
-    demo = _Demo(model, None, [], max_pixels=10**6)
+    demo = DemoCallbacks(model, None, [], max_pixels=10**6)
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
     editor, message = demo.on_upload(str(empty))
@@ -163,14 +165,14 @@ def test_callbacks_answer_bad_uploads_with_a_message(model, tmp_path):
 
 
 def test_upload_callback_shows_a_preview_for_painting(model, tmp_path):
-    demo = _Demo(model, None, [], max_pixels=10**7)
+    demo = DemoCallbacks(model, None, [], max_pixels=10**7)
     editor, message = demo.on_upload(str(gradient(tmp_path / "wide.png", (2048, 512))))
     assert editor["background"].shape == (256, 1024, 3) and "2048×512 px" in message
 
 
 def test_neighbors_callback_finds_pool_images(model, image_folder):
     pool, files = load_folder(image_folder, SIZE)
-    demo = _Demo(model, pool, [f.name for f in files], max_pixels=10**6)
+    demo = DemoCallbacks(model, pool, [f.name for f in files], max_pixels=10**6)
     grid, message = demo.on_neighbors(str(files[0]), "center", 0, 3)
     assert grid is not None and message.startswith("Nearest")
     assert message.split(": ", 1)[1].startswith(files[0].name)  # the query is in the pool: its own nearest
@@ -190,9 +192,8 @@ def test_write_space_copies_a_local_model_and_the_app(model_dir, tmp_path, capsy
     assert main(["demo", "--model", str(model_dir), "--write-space", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "app.py", "model", "requirements.txt"]
     assert (out / "model" / "model.safetensors").read_bytes() == (model_dir / "model.safetensors").read_bytes()
-    app = (out / "app.py").read_text()
-    tree = ast.parse(app)
-    assert "MODEL = 'model'" in app and any(isinstance(n, ast.Assign) for n in tree.body)
+    app = runpy.run_path(str(out / "app.py"), run_name="space_app")  # imports, defines, does not serve
+    assert app["MODEL"] == "model" and app["arguments"]() == ["demo", "--model", str(out / "model")]
     readme = (out / "README.md").read_text()
     assert "sdk: gradio" in readme and "app_file: app.py" in readme
     assert "ce-pretrain[demo]" in (out / "requirements.txt").read_text()
@@ -201,7 +202,8 @@ def test_write_space_copies_a_local_model_and_the_app(model_dir, tmp_path, capsy
 
 def test_write_space_for_a_hub_model_names_it(tmp_path):
     out = write_space(tmp_path / "space", "someone/context-encoder")
-    assert "MODEL = 'someone/context-encoder'" in (out / "app.py").read_text()
+    app = runpy.run_path(str(out / "app.py"), run_name="space_app")
+    assert app["arguments"]() == ["demo", "--model", "someone/context-encoder"]
     assert "models:\n  - someone/context-encoder" in (out / "README.md").read_text()
     assert not (out / "model").exists()
 

@@ -6,11 +6,21 @@ repository id, or ``"model"`` when the weights were copied next to this file. Th
 """
 
 import sys
+from pathlib import Path
 
 from ce_pretrain.cli import main
 
 MODEL = "model"
-POOL = None  # a folder of images in the Space for the context-neighbours tab, or None
+POOL = None  # a folder of images next to this file for the context-neighbours tab, or None
+
+HERE = Path(__file__).resolve().parent
+
+
+def arguments() -> list[str]:
+    """The ``ce-pretrain`` command line: folders next to this file win over Hub repository ids of the same name."""
+    model = str(HERE / MODEL) if (HERE / MODEL).is_dir() else MODEL
+    return ["demo", "--model", model, *(["--pool", str(HERE / POOL)] if POOL else [])]
+
 
 if __name__ == "__main__":
-    sys.exit(main(["demo", "--model", MODEL, *(["--pool", POOL] if POOL else [])]))
+    sys.exit(main(arguments()))
