@@ -145,7 +145,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, output_dir: str | None =
     return parser
 
 
-def check_positive(**values: int | float | None) -> None:
+def check_positive(**values: float | None) -> None:
     """Raise :class:`UsageError` naming the first flag whose value is given and below 1.
 
     Example: ``check_positive(max_steps=cfg.max_steps, batch_size=cfg.batch_size)``.
