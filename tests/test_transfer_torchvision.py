@@ -57,10 +57,10 @@ def test_oracle_detector_scores_full_map(setup):
     assert evaluate(Oracle(), dataset)["mAP"] == pytest.approx(100.0)
 
 
-def test_detection_end_to_end(setup):
+def test_detection_end_to_end(setup, tmp_path):
     model_dir, data = setup
     result = run_det(DetectionConfig(model=str(model_dir), data_root=str(data), max_steps=2, min_size=64,
-                                     max_size=96, workers=0))
+                                     max_size=96, num_workers=0, output_dir=str(tmp_path)))
     assert result["steps"] == 2 and 0 <= result["mAP"] <= 100 and result["test_images"] == 3
 
 
@@ -89,8 +89,9 @@ def test_oracle_segmenter_scores_full_miou(setup):
     assert evaluate_seg(Oracle(), dataset)["mIoU"] == pytest.approx(100.0)
 
 
-def test_segmentation_end_to_end(setup):
+def test_segmentation_end_to_end(setup, tmp_path):
     model_dir, data = setup
     result = run_seg(SegmentationConfig(model=str(model_dir), data_root=str(data), year=2007, train_split="train",
-                                        test_split="val", max_steps=2, batch_size=2, workers=0))
+                                        test_split="val", max_steps=2, batch_size=2, num_workers=0,
+                                        output_dir=str(tmp_path)))
     assert result["steps"] == 2 and 0 <= result["mIoU"] <= 100 and result["test_images"] == 3
