@@ -52,17 +52,20 @@ def pretrain(method: str, args: argparse.Namespace, out: Path) -> str:
     return str(target)
 
 
-def transfer(source: str, args: argparse.Namespace) -> dict[str, float]:
-    """Classification mAP, detection mAP@0.5 and segmentation mIoU of one pretrained encoder."""
-    common = dict(model=source, data_root=args.data_root, year=args.year, workers=args.workers, seed=args.seed)
+def transfer(source: str, args: argparse.Namespace, out: Path) -> dict[str, float]:
+    """Classification mAP, detection mAP@0.5 and segmentation mIoU of one pretrained encoder (runs under ``out``)."""
+    common = dict(model=source, data_root=args.data_root, year=args.year, num_workers=args.workers, seed=args.seed,
+                  overwrite=True)
     cls = run_classification(ClassificationConfig(**common, holdout=0.2, image_size=args.image_size,
-                                                  max_steps=args.cls_steps, batch_size=32))
+                                                  max_steps=args.cls_steps, batch_size=32,
+                                                  output_dir=str(out / "classification")))
     det = run_detection(DetectionConfig(**common, holdout=0.2, min_size=args.det_size,
                                         max_size=int(args.det_size * 5 / 3), max_steps=args.det_steps, batch_size=2,
-                                        test_proposals=300))
+                                        test_proposals=300, output_dir=str(out / "detection")))
     seg = run_segmentation(SegmentationConfig(**common, train_split=args.seg_train_split,
                                               test_split=args.seg_test_split, crop_size=args.image_size,
-                                              max_steps=args.seg_steps, batch_size=8))
+                                              max_steps=args.seg_steps, batch_size=8,
+                                              output_dir=str(out / "segmentation")))
     return {"classification": cls["mAP"], "detection": det["mAP"], "segmentation": seg["mIoU"]}
 
 
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     results, start = {}, time.time()
     for method in args.methods:
         source = pretrain(method, args, out)
-        results[method] = transfer(source, args)
+        results[method] = transfer(source, args, out / "transfer" / method)
         (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
     minutes = (time.time() - start) / 60
     header = (f"Mini Table 2: {args.backbone} at {args.image_size} px; pretraining {args.pretrain_steps} steps × "

@@ -146,9 +146,9 @@ def run(cfg: ClassificationConfig) -> dict:
                    probe_grid=cfg.probe_grid)
     check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
     set_seed(cfg.seed)
+    train_ids, test_ids = _splits(cfg)
     ckpt = load_encoder(cfg.model, cfg.image_size)
     size = cfg.image_size or ckpt.image_size
-    train_ids, test_ids = _splits(cfg)
     train_tf, test_tf = _transforms(ckpt, size)
     train_set = VOCClassification(cfg.data_root, cfg.year, ids=train_ids, transform=train_tf)
     test_set = VOCClassification(cfg.data_root, cfg.year, ids=test_ids, transform=test_tf)

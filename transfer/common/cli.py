@@ -50,7 +50,7 @@ COMMON_FLAGS = ("model", "output_dir", "overwrite", "num_workers", "mixed_precis
 _DURATION = re.compile(r"(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?(?:(?P<s>\d+(?:\.\d+)?)s?)?")
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """Bad input from the command line: one line on stderr, exit status 2."""
 
 

@@ -103,7 +103,6 @@ def run(cfg: DetectionConfig) -> dict:
                    max_size=cfg.max_size, test_proposals=cfg.test_proposals)
     check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
     set_seed(cfg.seed)
-    ckpt = load_encoder(cfg.model)
     voc = resolve_voc_dir(cfg.data_root, cfg.year)
     if cfg.holdout:
         train_ids, test_ids = holdout_split(read_split(voc, "Main", cfg.train_split), cfg.holdout, cfg.seed)
@@ -114,6 +113,7 @@ def run(cfg: DetectionConfig) -> dict:
     train_set.check_files()
     test_set.check_files()
     train_set.ids = [i for i in train_set.ids if len(train_set.annotation(i).labels)]
+    ckpt = load_encoder(cfg.model)
     model = build_faster_rcnn(ckpt, len(VOC_CLASSES) + 1, cfg.fpn, cfg.min_size, cfg.max_size,
                               rpn_post_nms_top_n_test=cfg.test_proposals)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -104,14 +104,14 @@ def run(cfg: SegmentationConfig) -> dict:
     check_positive(max_steps=cfg.max_steps, epochs=cfg.epochs, batch_size=cfg.batch_size, crop_size=cfg.crop_size)
     check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
     set_seed(cfg.seed)
-    ckpt = load_encoder(cfg.model)
-    crop = cfg.crop_size or ckpt.image_size
     voc = resolve_voc_dir(cfg.data_root, cfg.year)
     if cfg.holdout:
         train_ids, test_ids = holdout_split(read_split(voc, "Segmentation", cfg.train_split), cfg.holdout, cfg.seed)
     else:
         train_ids = read_split(voc, "Segmentation", cfg.train_split)
         test_ids = read_split(voc, "Segmentation", cfg.test_split)
+    ckpt = load_encoder(cfg.model)
+    crop = cfg.crop_size or ckpt.image_size
     train_set = VOCSegmentation(cfg.data_root, cfg.year, ids=train_ids, transform=_PairTransform(crop))
     test_set = VOCSegmentation(cfg.data_root, cfg.year, ids=test_ids, transform=_PairTransform(None))
     train_set.check_files()
