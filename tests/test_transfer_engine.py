@@ -209,3 +209,31 @@ def test_sigterm_to_a_process_exits_143_with_a_checkpoint(tmp_path):
     assert "tiny: stopped by SIGTERM at step" in err and "--resume" in err
     assert len(list((out / "checkpoints").glob("step-*/model.safetensors"))) == 1
     assert not json.loads((out / "results.json").read_text())["complete"]
+
+
+@pytest.mark.slow
+def test_two_processes_on_cpu_resume_equals_uninterrupted(tmp_path):
+    """A torchrun-style launch without GPUs: DDP over gloo; a --max-time stop resumed gives the same weights."""
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent("""
+        import sys, time
+        from test_transfer_engine import engine, make_task
+        from transfer.common.engine import fit
+
+        out, max_time = sys.argv[1], float(sys.argv[2]) or None
+        fit(make_task(lambda call: time.sleep(0.2)), engine(out, max_time=max_time,
+                                                            resume="latest" if max_time is None else None))
+    """))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+
+    def launch(out: str, max_time: float) -> dict:
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(tmp_path / out), str(max_time)], env=env, check=True, timeout=600,
+                       capture_output=True)
+        return json.loads((tmp_path / out / "results.json").read_text())
+
+    full = launch("full", 0)
+    assert full["num_processes"] == 2 and full["complete"]
+    stopped = launch("split", 0.5)
+    assert not stopped["complete"] and 0 < stopped["steps"] < STEPS
+    assert launch("split", 0)["weights"] == full["weights"]

@@ -196,7 +196,7 @@ def run_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace]
 
     Args:
         parser: the entry point's parser (its ``prog`` starts each error line).
-        run: does the work; returns an exit code or None (0).
+        run: does the work; returns an exit code, or anything else (None, results) for 0.
         argv: arguments (default ``sys.argv[1:]``).
         errors: more exception types that mean bad input (exit 2); :class:`UsageError`,
             ``transfer.common.CheckpointError`` and ``VOCLayoutError`` always do.
@@ -209,12 +209,14 @@ def run_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace]
 
     args = parser.parse_args(argv)  # argparse itself exits 2 on unknown or malformed flags
     try:
-        return run(args) or 0
+        status = run(args)
+        return status if isinstance(status, int) else 0
     except (UsageError, CheckpointError, VOCLayoutError, *errors) as err:
         print(f"{parser.prog}: error: {_first_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     except RunInterrupted as stop:
-        print(f"{parser.prog}: {stop}", file=sys.stderr)
+        if str(stop):
+            print(f"{parser.prog}: {stop}", file=sys.stderr)
         return stop.exit_code
     except KeyboardInterrupt:  # before or after the training loop, which handles SIGINT itself
         print(f"{parser.prog}: interrupted", file=sys.stderr)

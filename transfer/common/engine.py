@@ -276,7 +276,12 @@ def fit(task: Task, cfg: EngineConfig) -> dict:
 
     def log() -> None:
         nonlocal logged_steps
-        values = {k: v.item() / max(1, step - logged_steps) for k, v in sums.items()}  # the loop's one host sync
+        names = sorted(sums)
+        stacked = torch.stack([sums[k] for k in names])
+        if world > 1:  # the mean over processes, as one batch of world × batch_size would give
+            stacked = accelerator.reduce(stacked, "mean")
+        totals = stacked.tolist()  # the loop's one host sync
+        values = {k: t / max(1, step - logged_steps) for k, t in zip(names, totals)}
         if not math.isfinite(values.get("loss", 0.0)):
             raise TrainingDiverged(f"{task.name}: the training loss became {values['loss']} by step {step}; "
                                    "lower the learning rate")
@@ -323,7 +328,8 @@ def fit(task: Task, cfg: EngineConfig) -> dict:
                 epoch, consumed = epoch + 1, 0
                 sampler.epoch = epoch
         bar.close()
-        final_loss = recent[:min(step, _RECENT)].double().mean().item() if step else float("nan")
+        final = recent[:min(step, _RECENT)].double().mean() if step else torch.tensor(float("nan"), device=device)
+        final_loss = (accelerator.reduce(final, "mean") if world > 1 else final).item()
         results = {"config": config, "task": task.name, **task.info, "steps": step, "total_steps": total,
                    "final_loss": final_loss, "complete": stop_reason is None,
                    "mixed_precision": accelerator.mixed_precision, "num_processes": world, "device": str(device),
@@ -335,8 +341,8 @@ def fit(task: Task, cfg: EngineConfig) -> dict:
             accelerator.end_training()
             message = (f"{stop_reason} at step {step}/{total}: checkpoint {saved}, results so far in "
                        f"{out / 'results.json'}; to continue, rerun the same command with --resume")
-            if stop.signum is not None:
-                raise RunInterrupted(message, 128 + stop.signum)
+            if stop.signum is not None:  # every process exits with the signal's status; the main one says why
+                raise RunInterrupted(message if accelerator.is_main_process else "", 128 + stop.signum)
             accelerator.print(message)
             return results
     if accelerator.is_main_process:
