@@ -203,6 +203,22 @@ def _check_same_run(saved: dict, config: dict, checkpoint: Path) -> None:
                          f"{saved.get(k)!r}, now {config.get(k)!r} ({len(differ)} setting(s) differ)")
 
 
+def _finished_run(out: Path, config: dict) -> dict | None:
+    """The results of a finished run of this config in ``out`` (``--resume`` then has nothing to do), or None."""
+    results = out / "results.json"
+    if latest_checkpoint(out) is not None or not results.is_file():
+        return None
+    try:
+        previous = json.loads(results.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not (previous.get("complete") and isinstance(previous.get("config"), dict)):
+        return None
+    _check_same_run(previous["config"], config, results)
+    print(f"{results} holds the finished run; nothing to resume", file=sys.stderr)
+    return previous
+
+
 def fit(task: Task, cfg: EngineConfig) -> dict:
     """Train ``task`` (or resume it), evaluate it and write ``results.json`` (see the module docstring).
 
@@ -221,9 +237,12 @@ def fit(task: Task, cfg: EngineConfig) -> dict:
     check_positive(batch_size=task.batch_size, max_steps=task.max_steps, epochs=task.epochs,
                    log_every=cfg.log_every)
     out = check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
+    config = _json_config(task.config)
+    finished = _finished_run(out, config) if cfg.resume == "latest" else None
+    if finished is not None:
+        return finished
     accelerator = _accelerator(cfg, out, task.name)
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-    config = _json_config(task.config)
 
     sampler = ResumableRandomSampler(len(task.train_set), cfg.seed, rank, world)
     loader = torch.utils.data.DataLoader(
