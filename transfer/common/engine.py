@@ -177,7 +177,7 @@ def _accelerator(cfg: EngineConfig, out: Path, task_name: str):
     from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
 
-    from ce_pretrain.train import CSVTracker
+    from ce_pretrain.tracking import CSVTracker
 
     # the precision is process-wide state in accelerate; a new run in the same process may ask for another one
     AcceleratorState._reset_state()
