@@ -166,7 +166,8 @@ def test_logs_and_progress(tmp_path, capsys):
     lrs = [float(r["lr"]) for r in rows]
     assert all(float(r["loss"]) > 0 for r in rows) and lrs == sorted(lrs, reverse=True) and lrs[0] > lrs[-1]
     err = capsys.readouterr().err
-    assert "12/12" in err and "loss=" in err and "step/s" in err
+    assert "12/12" in err and "loss=" in err and "step/s" in err and "img_s=" in err
+    assert all(float(r["images_per_s"]) > 0 for r in rows)
 
 
 def test_divergence_is_one_line(tmp_path):

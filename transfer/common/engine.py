@@ -282,6 +282,7 @@ def fit(task: Task, cfg: EngineConfig) -> dict:
         accelerator.init_trackers(task.name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                      for k, v in config.items()})
     started, stop_reason = time.monotonic(), None
+    last_log = [started]  # when the last logged interval ended, for the image rate
     bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
                disable=not (cfg.progress and accelerator.is_local_main_process), desc=task.name)
 
@@ -301,12 +302,15 @@ def fit(task: Task, cfg: EngineConfig) -> dict:
             stacked = accelerator.reduce(stacked, "mean")
         totals = stacked.tolist()  # the loop's one host sync
         values = {k: t / max(1, step - logged_steps) for k, t in zip(names, totals)}
+        now = time.monotonic()
+        values["images_per_s"] = (step - logged_steps) * task.batch_size * world / max(now - last_log[0], 1e-9)
+        last_log[0] = now
         if not math.isfinite(values.get("loss", 0.0)):
             raise TrainingDiverged(f"{task.name}: the training loss became {values['loss']} by step {step}; "
                                    "lower the learning rate")
         values["lr"] = optimizer.param_groups[0]["lr"]
         accelerator.log(values, step=step)
-        bar.set_postfix(loss=f"{values['loss']:.4g}", refresh=False)
+        bar.set_postfix(loss=f"{values['loss']:.4g}", img_s=f"{values['images_per_s']:.1f}", refresh=False)
         sums.clear()
         logged_steps = step
 
