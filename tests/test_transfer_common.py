@@ -235,7 +235,6 @@ def test_resnet_multi_scale_taps():
 
 @pytest.mark.parametrize("backbone,taps,fpn", [
     ("alexnet", [4], False),                # relu5; pool5 past it has no weights: the paper's single scale
-    ("vgg11", [4], False),                  # conv5 relu; pool5 has no weights
     ("resnet18", [1, 2, 3, 4], True),       # C4 (layer3) would drop layer4's weights: FPN over C2..C5
     ("alexnet_poolfree", [0, 1, 4, 5], True),  # its pool5 is a learned convolution
 ])

@@ -175,6 +175,18 @@ def test_divergence_is_one_line(tmp_path):
         fit(make_task(lr=float("inf")), engine(tmp_path))
 
 
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    def poison(call):
+        if call == 4:
+            with torch.no_grad():
+                task.model.fc.bias.fill_(float("nan"))
+
+    task = make_task(poison)
+    with pytest.raises(TrainingDiverged, match="weights became NaN .* by step 4.*still finite"):
+        fit(task, engine(tmp_path, checkpoint_every=2, log_every=100))
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000002"]
+
+
 def test_sampler_matches_random_sampler_and_splits_ranks():
     torch.manual_seed(3)
     expected = list(torch.utils.data.RandomSampler(range(10)))

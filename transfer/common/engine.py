@@ -287,6 +287,11 @@ def fit(task: Task, cfg: EngineConfig) -> dict:
                disable=not (cfg.progress and accelerator.is_local_main_process), desc=task.name)
 
     def snapshot() -> Path:
+        finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
+        if not bool(finite.item()):  # never save a broken model over the last good checkpoint
+            raise TrainingDiverged(f"{task.name}: the weights became NaN or infinite by step {step}; lower the "
+                                   "learning rate" + (" (the last checkpoint is still finite)"
+                                                      if latest_checkpoint(out) else ""))
         state = {"config": config, "epoch": epoch, "consumed": consumed, "epoch_seed": sampler.epoch_seed,
                  "logged_steps": logged_steps,
                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
