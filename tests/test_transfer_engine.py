@@ -154,6 +154,9 @@ def test_mixed_precision_reaches_the_forward(tmp_path):
     task = make_task()  # another precision in the same process
     result = fit(task, engine(tmp_path / "no", mixed_precision="no"))
     assert result["mixed_precision"] == "no" and task.model.computed_in == torch.float32
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="fp16 needs a GPU"):
+            fit(make_task(), engine(tmp_path / "fp16", mixed_precision="fp16"))
 
 
 def test_logs_and_progress(tmp_path, capsys):

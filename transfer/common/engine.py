@@ -184,11 +184,15 @@ def _accelerator(cfg: EngineConfig, out: Path, task_name: str):
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun-style launch: without GPUs, DDP on gloo
     trackers = [CSVTracker(task_name, out / "logs") if n == "csv" else n for n in cfg.log_with]
     try:
-        return Accelerator(cpu=cfg.cpu or (distributed and not torch.cuda.is_available()),
-                           mixed_precision=cfg.mixed_precision, log_with=trackers or None,
-                           project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+        accelerator = Accelerator(
+            cpu=cfg.cpu or (distributed and not torch.cuda.is_available()), mixed_precision=cfg.mixed_precision,
+            log_with=trackers or None,
+            project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     except (ValueError, ImportError) as err:  # e.g. bf16 on a GPU without it, tensorboard not installed
         raise UsageError(str(err).splitlines()[0]) from None
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # accelerate would run fp32
+        raise UsageError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no")
+    return accelerator
 
 
 def _json_config(config: dict) -> dict:
