@@ -39,14 +39,12 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,6 +54,7 @@ from ce_pretrain.atomic import write_text_atomic
 from .cli import RunInterrupted, UsageError, check_output_dir, check_positive
 from .sampler import ResumableRandomSampler
 from .snapshot import CHECKPOINTS, latest_checkpoint, load_snapshot, restore_generators, save_snapshot
+from .stopping import StopFlag, should_stop
 
 __all__ = ["EngineConfig", "Task", "TrainingDiverged", "fit"]
 
@@ -145,31 +144,6 @@ class EngineConfig:
         """The fields of ``flags`` (a config dataclass or ``argparse.Namespace``) that share a name with ours."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{**{k: v for k, v in vars(flags).items() if k in names}, **overrides})
-
-
-class _Stop:
-    """SIGINT / SIGTERM set a flag the loop reads after each step; a second signal exits at once."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> Self:
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.signum is not None:  # files are written atomically: leaving mid-write corrupts nothing
-            print(f"\n{signal.Signals(signum).name} again: exiting now without saving", file=sys.stderr, flush=True)
-            os._exit(128 + signum)
-        self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint (again to exit "
-              "now)", file=sys.stderr, flush=True)
 
 
 def _accelerator(cfg: EngineConfig, out: Path, task_name: str):
@@ -323,7 +297,7 @@ def fit(task: Task, cfg: EngineConfig) -> dict:
         sums.clear()
         logged_steps = step
 
-    with _Stop() as stop:
+    with StopFlag() as stop:
         model.train()
         while step < total and stop_reason is None:
             batches = iter(loader)  # draws the workers' seed from the global generator, as DataLoader does
@@ -350,7 +324,7 @@ def fit(task: Task, cfg: EngineConfig) -> dict:
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == total:
                     log()
-                stop_reason = None if step >= total else _stop_reason(
+                stop_reason = None if step >= total else should_stop(
                     stop, started, cfg.max_time, accelerator, sync=world == 1 or step % cfg.log_every == 0)
                 if step >= total or stop_reason:
                     break
@@ -385,20 +359,3 @@ def fit(task: Task, cfg: EngineConfig) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
-
-
-def _stop_reason(stop: _Stop, started: float, max_time: float | None, accelerator, sync: bool) -> str | None:
-    """Why to stop after this step, agreed by every process (they compare only at ``sync`` steps)."""
-    if not sync:
-        return None
-    local = 0
-    if stop.signum is not None:
-        local = stop.signum
-    elif max_time is not None and time.monotonic() - started >= max_time:
-        local = -1
-    if accelerator.num_processes > 1:
-        local = int(accelerator.reduce(torch.tensor([local], device=accelerator.device), "max").item())
-    if local > 0:
-        stop.signum = stop.signum or local
-        return f"stopped by {signal.Signals(local).name}"
-    return "stopped at --max-time" if local < 0 else None
