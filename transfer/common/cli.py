@@ -31,13 +31,17 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
     "EXIT_USAGE",
+    "RunFlags",
     "RunInterrupted",
     "UsageError",
     "add_common_args",
+    "add_training_args",
+    "add_voc_args",
     "check_output_dir",
     "check_positive",
     "parse_duration",
@@ -142,6 +146,48 @@ def add_common_args(parser: argparse.ArgumentParser, *, output_dir: str | None =
         g.add_argument("--log-with", type=_trackers_arg, default=["csv"], metavar="TRACKERS",
                        help="comma-separated trackers: csv (built in), tensorboard, wandb, ... (any accelerate "
                             "tracker), or none")
+    return parser
+
+
+@dataclass(kw_only=True)
+class RunFlags:
+    """How a transfer run executes: the fields of :func:`add_common_args` and ``--checkpoint-every`` that every
+    task's config shares (a task adds ``model``, ``output_dir`` and its own fields)."""
+
+    num_workers: int = 2
+    seed: int = 0
+    mixed_precision: str | None = None
+    resume: str | None = None
+    overwrite: bool = False
+    max_time: float | None = None
+    log_with: list[str] = field(default_factory=lambda: ["csv"])
+    checkpoint_every: int = 1000
+
+
+def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float,
+                      weight_decay: float = 1e-4) -> argparse.ArgumentParser:
+    """Add ``--epochs``, ``--max-steps``, ``--batch-size``, ``--lr``, ``--weight-decay`` and ``--checkpoint-every``
+    with the task's defaults."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="images per process per step")
+    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--weight-decay", type=float, default=weight_decay)
+    g.add_argument("--checkpoint-every", type=int, default=1000, help="steps between resumable checkpoints")
+    return parser
+
+
+def add_voc_args(parser: argparse.ArgumentParser, *, year: int, train_split: str,
+                 test_split: str) -> argparse.ArgumentParser:
+    """Add ``--data-root``, ``--year``, ``--train-split``, ``--test-split`` and ``--holdout`` (PASCAL VOC data)."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data-root", required=True, help="VOCdevkit folder (or VOC<year> itself)")
+    g.add_argument("--year", type=int, default=year)
+    g.add_argument("--train-split", default=train_split)
+    g.add_argument("--test-split", default=test_split)
+    g.add_argument("--holdout", type=float, default=0.0,
+                   help="test on this fraction held out of --train-split instead of --test-split")
     return parser
 
 
