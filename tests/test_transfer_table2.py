@@ -75,7 +75,7 @@ def test_missing_data_is_one_line_exit_2(table2, tmp_path, capsys):
 def _study(table2, classes, out, *extra):
     return table2.main(["--budget", "smoke", "--data", str(classes), "--output-dir", str(out), "--rows",
                         "random-timm", "--columns", "knn", "--seeds", "0", "1", "--num-workers", "0", "--cpu",
-                        *extra])
+                        "--cpu-threads", "1", *extra])
 
 
 def test_a_finished_cell_is_never_recomputed(table2, classes, tmp_path):
