@@ -216,7 +216,7 @@ def pretrain(row: str, flags: list[str], budget: Budget, seed: int, steps: int, 
     log = run_dir / "pretrain.log"
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
-        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, check=False)
     if done.returncode:
         raise StudyError(f"pretraining {row} (seed {seed}) to step {steps} failed (exit {done.returncode}); "
                          f"see {log}")

@@ -17,6 +17,7 @@ from transfer.imagefolder.probes import (
 )
 from transfer.imagefolder.train import ImageFolderConfig, main, run
 
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """These problems are tiny: on a shared 2-core machine a second thread costs more in waiting than it saves."""
@@ -118,10 +119,10 @@ def test_knn_mode_end_to_end_writes_results(folders, tmp_path):
     assert saved["top1"] > 60  # colours separate even with random features; chance is 33 %
 
 
-def test_linear_mode_never_looks_at_the_validation_images(folders):
+def test_linear_mode_never_looks_at_the_validation_images(folders, tmp_path):
     """The weight decay and the reported stage come from the training folder: another val set changes neither."""
-    a = run(_cfg(folders[0], folders[1], "linear"))
-    b = run(_cfg(folders[0], folders[2], "linear"))
+    a = run(_cfg(folders[0], folders[1], "linear", output_dir=str(tmp_path / "a")))
+    b = run(_cfg(folders[0], folders[2], "linear", output_dir=str(tmp_path / "b")))
     for stage in a["stages"]:
         assert a["stages"][stage]["selection"] == b["stages"][stage]["selection"]
     assert a["stage"] == b["stage"]
@@ -130,7 +131,8 @@ def test_linear_mode_never_looks_at_the_validation_images(folders):
 
 def test_holdout_of_one_folder_and_rescale(folders, tmp_path):
     result = run(ImageFolderConfig(model="random:alexnet", train=str(folders[0]), holdout=0.25, mode="knn",
-                                   image_size=67, batch_size=8, num_workers=0, rescale=True, rescale_images=8))
+                                   image_size=67, batch_size=8, num_workers=0, rescale=True, rescale_images=8,
+                                   output_dir=str(tmp_path / "h")))
     assert result["train_images"] == 18 and result["val_images"] == 6
     assert result["rescale"]["layers"][0] == "features.0"
 
@@ -146,9 +148,10 @@ def test_finetune_mode_trains_and_reports(folders, tmp_path):
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, folders, capsys):
-    assert main(["--model", "random:alexnet", "--train", str(tmp_path / "none"), "--holdout", "0.2"]) == 2
+    out = ["--output-dir", str(tmp_path / "out")]
+    assert main(["--model", "random:alexnet", "--train", str(tmp_path / "none"), "--holdout", "0.2", *out]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not exist" in err
     assert main(["--model", "random:alexnet", "--train", str(folders[0]), "--holdout", "0.2", "--image-size",
-                 "32", "--num-workers", "0"]) == 2
+                 "32", "--num-workers", "0", *out]) == 2
     assert "too small" in capsys.readouterr().err

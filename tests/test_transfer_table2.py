@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import write_images
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "table2.py"

@@ -162,7 +162,7 @@ def _between_layer(layers: list[tuple[str, nn.Module]], forward: Callable, image
             break
         scale = {m: math.exp((float(lr) - log_target) / 2) for m, lr in zip(modules, log_r)}
 
-        def adjust(mod, inputs):
+        def adjust(mod, inputs, scale=scale):
             # earlier layers of this same pass are already rescaled: the bias follows its input's new scale
             current = float(inputs[0].abs().mean())
             if mod.bias is not None and input_scale[mod] > 0:

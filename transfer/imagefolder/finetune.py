@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import asdict
 
 import torch
@@ -65,8 +64,6 @@ def finetune(cfg, ckpt: EncoderCheckpoint, train: list, val: list, classes: list
                 scheduler=lambda opt, total: torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=total,
                                                                                  pct_start=0.1),
                 drop_last=len(train) > cfg.batch_size, config=asdict(cfg))
-    with tempfile.TemporaryDirectory() as scratch:
-        engine = EngineConfig.from_flags(cfg, output_dir=cfg.output_dir or scratch, cpu=cfg.cpu)
-        result = fit(task, engine)
+    result = fit(task, EngineConfig.from_flags(cfg))
     result.pop("config", None)
     return {**result, "rescale": rescale_report}

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
 from ce_pretrain.atomic import write_text_atomic
-from transfer.common.checkpoint import CheckpointError, EncoderCheckpoint, load_encoder
+from transfer.common.checkpoint import EncoderCheckpoint, load_encoder
+from transfer.common.cli import add_common_args, check_output_dir, check_positive, run_main
 from transfer.common.rescale import rescale_
 
 from .data import ImageFolderError, LabelledImages, eval_transform, scan, stratified_split
@@ -58,13 +57,18 @@ class ImageFolderConfig:
     mode: str = "knn"
     val: str | None = None
     holdout: float | None = None
-    output_dir: str | None = None
+    output_dir: str = "runs/imagefolder"
     image_size: int | None = None
     batch_size: int = 64
     num_workers: int = 2
     seed: int = 0
     cpu: bool = False
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None
+    resume: str | None = None
+    overwrite: bool = False
+    max_time: float | None = None
+    log_with: list[str] = field(default_factory=lambda: ["csv"])
+    checkpoint_every: int = 1000
     k: int = 20
     temperature: float = 0.07
     selection_fraction: float = 0.2
@@ -74,7 +78,7 @@ class ImageFolderConfig:
     rescale_images: int = 64
     epochs: int = 30
     max_steps: int | None = None
-    lr: float = 1e-3
+    lr: float = 3e-4
     weight_decay: float = 0.05
 
 
@@ -121,7 +125,7 @@ def _probe(cfg: ImageFolderConfig, ckpt: EncoderCheckpoint, train: list, val: li
     model, rescale_report = build_encoder(ckpt, cfg, train, size, device)
     stages = StageFeatures(model.cpu(), size)
     tf = eval_transform(size, ckpt.mean, ckpt.std)
-    dtype = PRECISIONS[cfg.mixed_precision] if device.type == "cuda" else None
+    dtype = PRECISIONS[cfg.mixed_precision or "no"] if device.type == "cuda" else None
     train_feats, train_y = extract(stages, _loader(LabelledImages(train, tf), cfg), device, dtype)
     val_feats, val_y = extract(stages, _loader(LabelledImages(val, tf), cfg), device, dtype)
     # the split of the training set that chooses the weight decay (linear) and the reported stage (both modes)
@@ -161,11 +165,14 @@ def run(cfg: ImageFolderConfig) -> dict:
         raise ImageFolderError(f"--mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
     if (cfg.val is None) == (cfg.holdout is None):
         raise ImageFolderError("give exactly one of --val DIR and --holdout FRACTION")
+    check_positive(batch_size=cfg.batch_size, k=cfg.k, rescale_images=cfg.rescale_images, epochs=cfg.epochs,
+                   max_steps=cfg.max_steps, image_size=cfg.image_size)
+    out = check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
     torch.manual_seed(cfg.seed)
     start = time.time()
+    train, val, classes = _splits(cfg)  # before the encoder loads: bad folders fail in a second
     ckpt = load_encoder(cfg.model, cfg.image_size)
     size = cfg.image_size or ckpt.image_size
-    train, val, classes = _splits(cfg)
     device = _device(cfg)
     if cfg.mode == "finetune":
         from .finetune import finetune
@@ -175,40 +182,31 @@ def run(cfg: ImageFolderConfig) -> dict:
         result = _probe(cfg, ckpt, train, val, classes, size, device)
     result = {"task": "imagefolder", "mode": cfg.mode, "model": cfg.model, "backbone": ckpt.backbone,
               "image_size": size, "classes": classes, "train_images": len(train), "val_images": len(val),
-              **result, "device": str(device), "torch": torch.__version__, "seconds": time.time() - start,
-              "config": asdict(cfg)}
-    if cfg.output_dir:
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "results.json", json.dumps(result, indent=2) + "\n")
+              "complete": True, **result, "device": result.get("device", str(device)), "torch": torch.__version__,
+              "seconds": time.time() - start, "config": json.loads(json.dumps(asdict(cfg), default=str))}
+    write_text_atomic(out / "results.json", json.dumps(result, indent=2) + "\n")
     return result
 
 
-def parse_args(argv: list[str] | None = None) -> ImageFolderConfig:
-    p = argparse.ArgumentParser(prog="python -m transfer.imagefolder", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, metavar="SRC",
-                   help="ContextEncoder folder, timm encoder folder, Hub id (owner/name) or random:<timm name>")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m transfer.imagefolder", description=__doc__.split("\n\n")[0])
+    add_common_args(p, output_dir=ImageFolderConfig.output_dir)
     p.add_argument("--train", required=True, metavar="DIR", help="training images, one sub-folder per class")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--val", metavar="DIR", help="validation images, the same class sub-folders")
     data.add_argument("--holdout", type=float, metavar="FRACTION",
                       help="validate on this fraction of every class of --train instead")
     p.add_argument("--mode", choices=MODES, default="knn")
-    p.add_argument("--output-dir", metavar="DIR", help="results.json goes here")
     p.add_argument("--image-size", type=int, help="crop side (default: the pretraining size)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even if a GPU is present")
-    p.add_argument("--mixed-precision", choices=list(PRECISIONS), default="no")
     probe = p.add_argument_group("knn / linear")
-    probe.add_argument("--k", type=int, default=20, help="neighbours")
+    probe.add_argument("--k", type=int, default=20, help="neighbours (default: 20)")
     probe.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T)")
     probe.add_argument("--selection-fraction", type=float, default=0.2,
-                       help="fraction of every training class held out to choose weight decay and stage")
+                       help="fraction of every training class held out to choose the weight decay and the stage")
     probe.add_argument("--weight-decays", type=float, nargs="+", default=list(WEIGHT_DECAYS),
-                       help="linear: candidates")
+                       help="linear: the candidates")
     resc = p.add_argument_group("rescaling (Krähenbühl et al., ICLR 2016)")
     resc.add_argument("--rescale", action="store_true",
                       help="rescale the encoder's layers from a batch of training images before transfer")
@@ -219,24 +217,21 @@ def parse_args(argv: list[str] | None = None) -> ImageFolderConfig:
     ft = p.add_argument_group("finetune")
     ft.add_argument("--epochs", type=int, default=30)
     ft.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
-    ft.add_argument("--lr", type=float, default=1e-3)
+    ft.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate (one-cycle schedule)")
     ft.add_argument("--weight-decay", type=float, default=0.05)
-    return ImageFolderConfig(**vars(p.parse_args(argv)))
+    ft.add_argument("--checkpoint-every", type=int, default=1000, help="steps between resumable checkpoints")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    for name in ("batch_size", "k", "rescale_images", "epochs"):
-        if getattr(cfg, name) < 1:
-            print(f"python -m transfer.imagefolder: error: --{name.replace('_', '-')} must be at least 1",
-                  file=sys.stderr)
-            return 2
-    try:
-        result = run(cfg)
-    except (CheckpointError, ImageFolderError) as err:
-        print(f"python -m transfer.imagefolder: error: {err}", file=sys.stderr)
-        return 2
-    where = f" (stage {result['stage']})" if "stage" in result else ""
-    print(f"{cfg.mode} {result['backbone']}: top-1 {result['top1']:.1f} %, top-5 {result['top5']:.1f} %{where} on "
-          f"{result['val_images']} images, {len(result['classes'])} classes")
-    return 0
+    """Run the entry point; returns the exit status (2 for bad input, 130 / 143 when interrupted)."""
+
+    def report(args: argparse.Namespace) -> None:
+        result = run(ImageFolderConfig(**vars(args)))
+        if result.get("top1") is not None:  # None: --max-time stopped fine-tuning before the evaluation
+            where = f" (stage {result['stage']})" if "stage" in result else ""
+            print(f"{result['mode']} {result['backbone']}: top-1 {result['top1']:.1f} %, top-5 {result['top5']:.1f} %"
+                  f"{where} on {result['val_images']} images, {len(result['classes'])} classes; "
+                  f"{args.output_dir}/results.json")
+
+    return run_main(build_parser(), report, argv, errors=(ImageFolderError,))
