@@ -216,7 +216,7 @@ def pretrain(row: str, flags: list[str], budget: Budget, seed: int, steps: int, 
     log = run_dir / "pretrain.log"
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
-        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, check=False)
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
     if done.returncode:
         raise StudyError(f"pretraining {row} (seed {seed}) to step {steps} failed (exit {done.returncode}); "
                          f"see {log}")
@@ -288,6 +288,18 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def row_batch_size(flags: list[str] | None, budget: Budget) -> int:
+    """Pretraining images per step of a row: its own ``--batch-size`` override (the last one wins), else the budget's."""
+    batch = budget.batch_size
+    for flag, value in zip(flags or [], (flags or [])[1:]):
+        if flag == "--batch-size":
+            batch = int(value)
+    for flag in flags or []:
+        if flag.startswith("--batch-size="):
+            batch = int(flag.split("=", 1)[1])
+    return batch
+
+
 def cell_key(row: str, seed: int, images: int, column: str) -> str:
     return f"{row}/seed{seed}/images{images}/{column}"
 
@@ -330,7 +342,7 @@ def run_study(study: Study, args: argparse.Namespace, data: Path, log=print) -> 
         for row, flags in study.rows.items():
             points = [0] if flags is None else list(budget.milestones)
             for steps in points:
-                images = steps * budget.batch_size
+                images = steps * row_batch_size(flags, budget)
                 todo = [c for c in study.columns if cell_key(row, seed, images, c) not in study.cells
                         and (c in ("linear", "knn") or steps in (0, last))]  # fine-tune and VOC: final weights
                 if not todo:

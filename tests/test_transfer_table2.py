@@ -46,6 +46,9 @@ def test_rows_overrides_and_added_rows(table2):
     rows = table2.build_rows(args)
     assert rows == {"ce-center": ["--mask", "center", "--lr", "1e-4"], "ce-l1": ["--mask", "random-region", "--loss",
                                                                                 "l1"], "random-timm": None}
+    budget = table2.BUDGETS["small"]
+    assert table2.row_batch_size(rows["ce-l1"], budget) == budget.batch_size
+    assert table2.row_batch_size(["--mask", "center", "--batch-size", "256"], budget) == 256  # images seen follow it
     with pytest.raises(table2.StudyError, match="not a pretrained row"):
         table2.build_rows(table2.parse_args(["--pretrain-override", "random-timm=--lr 1"]))
 
