@@ -1,4 +1,4 @@
-"""The ``ce-pretrain`` command: inpaint, evaluate, neighbors, card, export.
+"""The ``ce-pretrain`` command: train, inpaint, evaluate, neighbors, card, export, demo.
 
 Thin: argument parsing, loading, and writing; the work is in :mod:`ce_pretrain.inpaint`, :mod:`ce_pretrain.evaluate`,
 :mod:`ce_pretrain.neighbors`, :mod:`ce_pretrain.model_card` and :mod:`ce_pretrain.export`. Bad input ends with one
@@ -9,6 +9,7 @@ written to a temporary name and renamed, so none is ever half-written.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from collections.abc import Sequence
@@ -69,7 +70,7 @@ def _load_model(ref: str, device: torch.device):
 def _output_dir(path: str) -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {path!r} exists and is not a folder")
+        raise CLIError(f"--output-dir {path!r} exists and is not a folder")
     return out
 
 
@@ -156,9 +157,9 @@ def _cmd_neighbors(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if not out.parent.is_dir():
-        raise CLIError(f"--out {args.out!r}: folder {str(out.parent)!r} does not exist")
+        raise CLIError(f"--output {args.out!r}: folder {str(out.parent)!r} does not exist")
     if out.suffix.lower() != ".png":
-        raise CLIError(f"--out {args.out!r} must be a .png file")
+        raise CLIError(f"--output {args.out!r} must be a .png file")
     model = _load_model(args.model, _device(args.device))
     queries, query_files = load_folder(args.query, model.image_size, args.limit)
     pool, pool_files = load_folder(args.pool, model.image_size, args.pool_limit)
@@ -215,6 +216,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.write_space:
+        from .space import write_space
+
+        print(f"Hugging Face Space written to {write_space(args.write_space, args.model)}/")
+        return 0
+    from .demo import GRADIO_MISSING, serve
+
+    if importlib.util.find_spec("gradio") is None:  # before loading the model; importing Gradio takes seconds
+        raise CLIError(GRADIO_MISSING)
+    return serve(_load_model(args.model, _device(args.device)), args)
+
+
 # ------------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``ce-pretrain`` and its subcommands."""
@@ -223,12 +237,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Context encoders (Pathak et al., CVPR 2016): inpaint, evaluate, inspect, publish.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # `ce-pretrain train ...` is ce_pretrain/train.py: main() hands its arguments over before parsing them here
+    sub.add_parser("train", add_help=False, help="pretrain a context encoder (= ce_pretrain/train.py; see "
+                                                 "`ce-pretrain train --help`)")
 
     def common(p: argparse.ArgumentParser, device: bool = True) -> None:
         p.add_argument("--model", required=True, metavar="DIR_OR_REPO",
                        help="a folder written by save_pretrained, or a Hugging Face repository id")
         if device:
             p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+    def masked_search(p: argparse.ArgumentParser, limit: int | None, limit_help: str) -> None:
+        """Flags shared by the commands that mask many images and search a pool (evaluate, neighbors)."""
+        p.add_argument("--mask", default="center", choices=MASK_KINDS, help="mask kind (default: center, as the paper)")
+        p.add_argument("--limit", type=int, default=limit, help=limit_help)
+        p.add_argument("--pool-limit", type=int, default=None, help="use the first N pool images")
+        p.add_argument("--seed", type=int, default=0, help="seed of random masks")
+        p.add_argument("--batch-size", type=int, default=32)
 
     p = sub.add_parser("inpaint", help="fill the hole of images; writes masked input, result and a grid",
                        description="Fill the hole of each image: the prediction is blended into the untouched "
@@ -237,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files of any size and mode")
     p.add_argument("--mask", default="center", metavar="KIND_OR_PNG",
                    help=f"{' | '.join(MASK_KINDS)} | a mask image of the images' size, white = hole (default: center)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--output-dir", "--out", dest="out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of random masks")
     p.add_argument("--tile", type=int, default=256, help="side of each tile of grid.png in pixels")
     p.set_defaults(func=_cmd_inpaint)
@@ -249,12 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--data", required=True, metavar="FOLDER", help="held-out images")
     p.add_argument("--pool", metavar="FOLDER", help="other images for the nearest-neighbour baselines")
-    p.add_argument("--mask", default="center", choices=MASK_KINDS, help="mask kind (default: center, as the paper)")
     p.add_argument("--json", metavar="OUT", help="also write the numbers to this JSON file")
-    p.add_argument("--limit", type=int, default=None, help="use the first N held-out images")
-    p.add_argument("--pool-limit", type=int, default=None, help="use the first N pool images")
-    p.add_argument("--seed", type=int, default=0, help="seed of random masks")
-    p.add_argument("--batch-size", type=int, default=32)
+    masked_search(p, limit=None, limit_help="use the first N held-out images")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("neighbors", help="Fig. 8: nearest neighbours of a hole from its context, encoder vs HOG",
@@ -263,14 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--query", required=True, metavar="FOLDER", help="query images")
     p.add_argument("--pool", required=True, metavar="FOLDER", help="images to search")
-    p.add_argument("--out", required=True, metavar="GRID.png", help="the figure")
-    p.add_argument("--mask", default="center", choices=MASK_KINDS, help="mask kind (default: center)")
+    p.add_argument("--output", "--out", dest="out", required=True, metavar="GRID.png", help="the figure")
     p.add_argument("-k", "--k", type=int, default=5, help="neighbours per method (default: 5)")
-    p.add_argument("--limit", type=int, default=8, help="use the first N query images (default: 8)")
-    p.add_argument("--pool-limit", type=int, default=None, help="use the first N pool images")
-    p.add_argument("--seed", type=int, default=0, help="seed of random masks")
     p.add_argument("--tile", type=int, default=128, help="side of each tile in pixels")
-    p.add_argument("--batch-size", type=int, default=32)
+    masked_search(p, limit=8, limit_help="use the first N query images (default: 8)")
     p.set_defaults(func=_cmd_neighbors)
 
     p = sub.add_parser("card", help="write the Hugging Face model card of a model folder",
@@ -280,22 +297,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--training", metavar="JSON", help="training flags and statistics (a JSON object)")
     p.add_argument("--evaluation", metavar="JSON", help="the output of `ce-pretrain evaluate --json`")
     p.add_argument("--repo-id", help="repository id shown in the loading examples (default: the folder name)")
-    p.add_argument("--out", metavar="PATH", help="where to write the card (default: MODEL/README.md)")
+    p.add_argument("--output", "--out", dest="out", metavar="PATH",
+                   help="where to write the card (default: MODEL/README.md)")
     p.set_defaults(func=_cmd_card)
 
     p = sub.add_parser("export", help="write the encoder in timm's Hub layout (config.json + model.safetensors)")
     common(p, device=False)
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--output-dir", "--out", dest="out", required=True, metavar="DIR", help="output folder")
     p.set_defaults(func=_cmd_export)
+
+    from .demo import add_demo_arguments
+
+    p = sub.add_parser("demo", help="serve a web page to inpaint uploaded images (needs the demo extra: Gradio)")
+    common(p)
+    add_demo_arguments(p)
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``ce-pretrain``; returns the exit status (2 for bad input, with one line on stderr)."""
-    from .inpaint import ImageReadError
+    from .data import ImageReadError
 
-    args = build_parser().parse_args(argv)
-    for flag in ("limit", "pool_limit", "k", "batch_size", "tile"):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        from .train import main as train_main
+
+        return train_main([str(a) for a in argv[1:]], prog=f"{PROG} train")
+    args = build_parser().parse_args([str(a) for a in argv])
+    for flag in ("limit", "pool_limit", "k", "batch_size", "tile", "port"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             print(f"{PROG}: error: --{flag.replace('_', '-')} must be at least 1, got {value}", file=sys.stderr)

@@ -32,6 +32,7 @@ __all__ = [
     "StreamingImageDataset",
     "collate",
     "list_images",
+    "ImageReadError",
     "load_rgb",
     "open_source",
     "random_crop",
@@ -98,25 +99,39 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+class ImageReadError(ValueError):
+    """An image file is missing, unreadable or unusable; the message is one line naming the file."""
+
+
 def load_rgb(source: str | os.PathLike | Image.Image, min_side: int | None = None) -> Image.Image:
-    """Open an image file (or take a PIL image) as RGB.
+    """Open an image file of any mode (grayscale, RGBA, CMYK, palette, 16-bit), or take a PIL image, as 8-bit RGB.
+
+    The one image reader of ce-pretrain: training data, inference, evaluation and the demo all read through it.
 
     Args:
         source: a path or a PIL image.
         min_side: when given, large JPEGs are decoded at reduced scale, but never below this shorter side.
 
     Raises:
-        OSError, UnidentifiedImageError, ValueError: the file is not a readable image.
+        ImageReadError: one line: no such file, a folder, or not a readable image.
     """
     if isinstance(source, Image.Image):
         return _to_rgb(source)
-    with Image.open(source) as img:
-        if min_side is not None and img.format == "JPEG":
-            scale = min(img.size) / min_side
-            if scale >= 2:  # DCT-domain downscaling: much faster decodes of large photos
-                img.draft("RGB", (math.ceil(img.size[0] / scale), math.ceil(img.size[1] / scale)))
-        img.load()
-        return _to_rgb(img)
+    try:
+        with Image.open(source) as img:
+            if min_side is not None and img.format == "JPEG":
+                scale = min(img.size) / min_side
+                if scale >= 2:  # DCT-domain downscaling: much faster decodes of large photos
+                    img.draft("RGB", (math.ceil(img.size[0] / scale), math.ceil(img.size[1] / scale)))
+            img.load()
+            return _to_rgb(img)
+    except FileNotFoundError as e:
+        raise ImageReadError(f"no such file: {str(source)!r}") from e
+    except IsADirectoryError as e:
+        raise ImageReadError(f"{str(source)!r} is a folder, not an image") from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ImageReadError(f"cannot read image {str(source)!r}: {reason}") from e
 
 
 def resize_shorter(img: Image.Image, load_size: int, size: int) -> Image.Image:
@@ -252,7 +267,8 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
         good, epoch, bad = 0, 0, []
         while True:
             seen = 0
-            for row, example in enumerate(shard.shuffle(seed=self.seed * 100_003 + epoch, buffer_size=self.buffer_size)):
+            shuffled = shard.shuffle(seed=self.seed * 100_003 + epoch, buffer_size=self.buffer_size)
+            for row, example in enumerate(shuffled):
                 seen += 1
                 if good < self.start:  # resuming: skip what was used, without decoding it
                     good += 1

@@ -15,6 +15,7 @@ from torch import nn
 
 from . import backbones as _backbones  # noqa: F401  (registers alexnet, alexnet_poolfree, dcgan_encoder)
 from .layers import ChannelWiseFC, UpConvDecoder, dcgan_init_, num_upconvs
+from .masks import TRAIN_MASK_KINDS, MaskRule
 from .weights import IncompatibleCheckpointError, load_state_dict_strict
 
 __all__ = ["ContextEncoder", "IncompatibleCheckpointError", "UnknownBackboneError", "resolve_backbone_name"]
@@ -101,6 +102,9 @@ class ContextEncoder(
         std: per-channel dataset std in [0, 1].
         pretrained_backbone: start from timm's pretrained weights (downloads; the paper trains from scratch).
         backbone_kwargs: extra keyword arguments for ``timm.create_model`` (e.g. ``drop_path_rate``).
+        mask: the mask kind the model is trained with (``"center"``, ``"random-block"``, ``"random-region"``, or
+            ``"none"`` for the autoencoder baseline); stored in ``config.json`` so inference draws the same masks
+            (:attr:`mask_rule`). ``None``: centre holes for a centre prediction, random regions otherwise.
     """
 
     def __init__(
@@ -117,6 +121,7 @@ class ContextEncoder(
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
         pretrained_backbone: bool = False,
         backbone_kwargs: dict | None = None,
+        mask: str | None = None,
     ):
         super().__init__()
         resolve_backbone_name(backbone)
@@ -126,10 +131,18 @@ class ContextEncoder(
             raise ValueError(f"pred_size must be in 1..image_size={image_size}, got {pred_size}")
         if len(mean) != 3 or len(std) != 3:
             raise ValueError("mean and std need one value per RGB channel")
+        if mask is not None and mask not in TRAIN_MASK_KINDS:
+            raise ValueError(f"mask must be one of {', '.join(TRAIN_MASK_KINDS)}, got {mask!r}")
+        self._config = dict(backbone=backbone, image_size=image_size, pred_size=pred_size, overlap=overlap,
+                            bottleneck=bottleneck, bottleneck_dim=bottleneck_dim, dropout=dropout,
+                            decoder_channels=None if decoder_channels is None else list(decoder_channels),
+                            mean=tuple(mean), std=tuple(std), pretrained_backbone=pretrained_backbone,
+                            backbone_kwargs=backbone_kwargs, mask=mask)
         self.backbone_name = backbone
         self.image_size = image_size
         self.pred_size = pred_size or image_size
         self.overlap = overlap
+        self.mask_kind = mask or ("center" if self.pred_size < image_size else "random-region")
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float).view(1, 3, 1, 1), persistent=False)
 
@@ -177,7 +190,7 @@ class ContextEncoder(
         ``ContextEncoder(**model.config)`` builds the same architecture; defaults are filled in, so a config
         written by an older version still names every argument.
         """
-        return dict(self._hub_mixin_config or {})
+        return dict(self._config)
 
     # ----------------------------------------------------------------------------------------------- pipeline
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -218,6 +231,11 @@ class ContextEncoder(
         """The predicted region of an image-sized tensor ``[B, C, H, W]`` → ``[B, C, pred_size, pred_size]``."""
         top, left, h, w = self.pred_box
         return x[..., top: top + h, left: left + w]
+
+    @property
+    def mask_rule(self) -> MaskRule:
+        """The masks this model was trained with (kind and overlap band), for training and inference alike."""
+        return MaskRule(self.mask_kind, self.image_size, self.overlap if self.pred_size < self.image_size else 0)
 
     def paste(self, pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Put the prediction back into the images; with a mask, only dropped pixels change: ``[B, 3, H, W]``."""

@@ -12,7 +12,7 @@ from ce_pretrain import ContextEncoder
 from ce_pretrain.cli import main
 
 ARGS = dict(backbone="dcgan_encoder", image_size=64, backbone_kwargs=dict(width=8))
-COMMANDS = ["inpaint", "evaluate", "neighbors", "card", "export"]
+COMMANDS = ["train", "inpaint", "evaluate", "neighbors", "card", "export"]
 
 
 def gradient(h: int, w: int, seed: int) -> np.ndarray:
@@ -190,3 +190,17 @@ def test_argument_errors_exit_2():
     with pytest.raises(SystemExit) as info:
         main(["inpaint", "--out", "x"])
     assert info.value.code == 2
+
+
+def test_train_subcommand_is_the_training_script(capsys):
+    from ce_pretrain.train import main as train_main
+
+    assert main(["train", "--max-steps", "0"]) == 2
+    via_cli = capsys.readouterr().err.strip()
+    assert train_main(["--max-steps", "0"], prog="ce-pretrain train") == 2
+    assert via_cli == capsys.readouterr().err.strip() == "ce-pretrain train: error: --max-steps must be at least 1, got 0"
+
+
+def test_python_dash_m_runs_the_command():
+    done = subprocess.run([sys.executable, "-m", "ce_pretrain", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "train" in done.stdout and "inpaint" in done.stdout

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from ce_pretrain import ContextEncoder
-from ce_pretrain.train import latest_checkpoint, main
+from ce_pretrain.checkpoint import latest_checkpoint
+from ce_pretrain.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "ce_pretrain" / "train.py")
@@ -104,7 +105,7 @@ def test_bad_flags_stop_at_once_with_one_line(args, message, tmp_path, capsys):
     out = tmp_path / "never"
     assert main([*args, "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1 and err.startswith("train.py: error:")
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("ce_pretrain/train.py: error:")
     assert not out.exists()  # nothing was built or written
 
 

@@ -1,0 +1,239 @@
+"""A training run's configuration: the paper's presets, the flags that override them, and their validation.
+
+``TrainConfig`` holds every knob of a run; a checkpoint carries it, so a resumed run can check that it continues
+the same run. :func:`build_parser` and :func:`resolve_config` turn command-line flags into a checked config before
+any data or model is touched (bad input: :class:`ConfigError`, one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .masks import TRAIN_MASK_KINDS
+
+__all__ = ["DEMO_BATCH_SIZE", "DEMO_MAX_STEPS", "PRESETS", "ConfigError", "TrainConfig", "build_parser",
+           "resolve_config", "validate"]
+
+PRESETS: dict[str, dict] = {
+    # §5.2: AlexNet from scratch, random-region masks, L2 only (the adversarial loss diverged with AlexNet),
+    # Adam with a constant 1e-4 (1e-3 for central masks), dropout 0.5 on the channel-wise FC, ~100K iterations.
+    "features": dict(backbone="alexnet", image_size=227, pred_size=None, overlap=0, bottleneck="channel-fc",
+                     mask="random-region", lr=1e-4, beta1=0.9, adversarial_weight=0.0, batch_size=64,
+                     max_steps=100_000),
+    # §5.1 and the original train.lua: DCGAN encoder, 4000-unit bottleneck, 128 px in, the 64 px centre out with a
+    # 7 px overlap weighted 10×, λrec 0.999 / λadv 0.001, Adam β1 0.5, generator lr 10× the discriminator's 2e-4.
+    "inpainting": dict(backbone="dcgan_encoder", image_size=128, pred_size=64, overlap=7, bottleneck="fc",
+                       mask="center", lr=2e-3, beta1=0.5, adversarial_weight=0.001, batch_size=64,
+                       max_steps=100_000),
+}
+DEMO_MAX_STEPS = 200
+DEMO_BATCH_SIZE = 16
+MASK_CHOICES = TRAIN_MASK_KINDS
+
+
+class ConfigError(ValueError):
+    """Flags that cannot work together, or a bad data source / backbone, found before any model is built."""
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run; a checkpoint carries it so a resumed run can check it continues the same run."""
+
+    preset: str = "features"
+    backbone: str = "alexnet"
+    data: str | None = None
+    data_split: str = "train"
+    streaming: bool = False
+    image_size: int = 227
+    pred_size: int | None = None
+    overlap: int = 0
+    bottleneck: str = "channel-fc"
+    mask: str = "random-region"
+    mask_shapes: str | None = None
+    mask_source: str = "procedural"
+    loss: str = "l2"
+    batch_size: int = 64
+    max_steps: int = 100_000
+    lr: float = 1e-4
+    beta1: float = 0.9
+    weight_decay: float = 0.0
+    discriminator_lr: float | None = None
+    adversarial_weight: float = 0.0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    output_dir: str = "runs/ce-pretrain"
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    sample_every: int | None = None
+    log_every: int = 10
+    resume: str | None = None
+    seed: int = 0
+    log_with: list[str] = field(default_factory=lambda: ["csv"])
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    num_workers: int = 4
+    max_nonfinite_steps: int = 20
+    channels_last: bool = True
+    cpu: bool = False
+
+    @property
+    def adversarial(self) -> bool:
+        return self.adversarial_weight > 0
+
+    def model_kwargs(self) -> dict:
+        return dict(backbone=self.backbone, image_size=self.image_size, pred_size=self.pred_size,
+                    overlap=self.overlap, bottleneck=self.bottleneck, mask=self.mask)
+
+
+
+def build_parser(prog: str = "ce_pretrain/train.py") -> argparse.ArgumentParser:
+    """The training flags; each recipe flag defaults to the preset's value (``None`` here)."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Context-encoder pretraining (Pathak et al., CVPR 2016) of any timm backbone under accelerate.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("recipe")
+    g.add_argument("--preset", choices=list(PRESETS), default="features",
+                   help="the paper's recipes: 'features' (§5.2, AlexNet, random regions, L2) or 'inpainting' "
+                        "(§5.1, DCGAN encoder, 128 px → 64 px centre, L2 + adversarial); flags below override it")
+    g.add_argument("--backbone", help="timm architecture name (alexnet, resnet50, convnext_tiny, ...); "
+                                      "default: the preset's")
+    g.add_argument("--image-size", type=int, help="input side in px; default: the preset's (227 / 128)")
+    g.add_argument("--mask", choices=MASK_CHOICES,
+                   help="region masks (§3.3); 'none' trains the paper's autoencoder baseline; default: the preset's")
+    g.add_argument("--mask-shapes", metavar="DIR",
+                   help="folder of segmentation masks (e.g. VOC2012 SegmentationObject/) whose objects become "
+                        "random regions; default: procedurally generated shapes")
+    g.add_argument("--mask-source", choices=["procedural", "noise"], default="procedural",
+                   help="random-region shapes when no --mask-shapes: star-shaped blobs or the original code's "
+                        "thresholded noise")
+    g.add_argument("--loss", choices=["l2", "l1"], default="l2", help="reconstruction loss")
+    g.add_argument("--adversarial-weight", type=float,
+                   help="λadv of the joint loss (λrec = 1 − λadv); 0 disables the discriminator; default: the "
+                        "preset's (0 / 0.001)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--batch-size", type=int,
+                   help=f"images per process per step; default: the preset's (64), or {DEMO_BATCH_SIZE} on the "
+                        "demo set")
+    o.add_argument("--max-steps", type=int,
+                   help=f"optimizer steps; default: the preset's 100000, or {DEMO_MAX_STEPS} on the demo set")
+    o.add_argument("--lr", type=float, help="Adam learning rate of the context encoder; default: the preset's")
+    o.add_argument("--discriminator-lr", type=float, help="Adam learning rate of the discriminator; default: lr/10")
+    o.add_argument("--beta1", type=float, help="Adam β1; default: the preset's (0.9 / 0.5)")
+    o.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
+    o.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
+    o.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="autocast precision; default: accelerate's config (or 'no')")
+    o.add_argument("--cpu", action="store_true",
+                   help="train on CPU even if a GPU is present (multi-process runs on a machine without GPUs "
+                        "use CPUs and gloo by themselves)")
+    o.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order, crops and masks")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", help="a folder of images (searched recursively: jpg, png, webp, bmp, tif), a "
+                                  "dataset saved with datasets' save_to_disk, or a Hugging Face dataset name; "
+                                  "default: the built-in demo photographs")
+    d.add_argument("--data-split", default="train", help="split of a Hugging Face dataset")
+    d.add_argument("--streaming", action="store_true",
+                   help="stream a Hugging Face dataset instead of downloading it first (one loader worker)")
+    d.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes")
+    r = p.add_argument_group("outputs")
+    r.add_argument("--output-dir", default="runs/ce-pretrain", help="where checkpoints, samples, logs and the "
+                                                                    "final model go")
+    r.add_argument("--checkpoint-every", type=int, default=1000, help="save a resumable checkpoint every N steps")
+    r.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
+    r.add_argument("--sample-every", type=int, help="save an inpainting grid every N steps; default: "
+                                                    "--checkpoint-every")
+    r.add_argument("--log-every", type=int, default=10, help="log scalars every N steps")
+    r.add_argument("--log-with", default="csv",
+                   help="comma-separated trackers: csv (built in), tensorboard, wandb, ... (any accelerate "
+                        "tracker), or none")
+    r.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                   help="continue from the latest checkpoint in --output-dir, or from the given checkpoint folder")
+    r.add_argument("--push-to-hub", action="store_true", help="upload the final model to the Hugging Face Hub")
+    r.add_argument("--hub-model-id", help="Hub repository, e.g. user/ce-alexnet (needed with --push-to-hub)")
+    o.add_argument("--max-nonfinite-steps", type=int, default=20,
+                   help="stop with an error after this many consecutive steps with a non-finite loss")
+    r.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="keep NCHW memory format (channels-last is faster on modern CPUs and GPUs)")
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """Merge the preset with the flags and check everything that can be checked without building a model."""
+    preset = dict(PRESETS[args.preset])
+    pick = {k: getattr(args, k) for k in ("backbone", "image_size", "mask", "lr", "beta1", "adversarial_weight",
+                                          "batch_size") if getattr(args, k) is not None}
+    preset.update(pick)
+    if args.max_steps is not None:
+        preset["max_steps"] = args.max_steps
+    elif args.data is None:
+        preset["max_steps"] = DEMO_MAX_STEPS
+    if args.data is None and args.batch_size is None:
+        preset["batch_size"] = DEMO_BATCH_SIZE  # 17 photographs: larger batches only repeat them
+    if args.preset == "features" and preset["mask"] == "center" and args.lr is None:
+        preset["lr"] = 1e-3  # §5.2: "a constant learning rate of 10⁻³ for the center-region masks"
+    if args.preset == "inpainting" and args.image_size is not None:
+        preset["pred_size"] = args.image_size // 2
+    log_with = [t.strip() for t in args.log_with.split(",") if t.strip() and t.strip() != "none"]
+    cfg = TrainConfig(
+        preset=args.preset, data=args.data, data_split=args.data_split, streaming=args.streaming,
+        mask_shapes=args.mask_shapes,
+        mask_source=args.mask_source, loss=args.loss, discriminator_lr=args.discriminator_lr,
+        weight_decay=args.weight_decay, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision or "no", output_dir=args.output_dir,
+        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+        sample_every=args.sample_every, log_every=args.log_every, resume=args.resume, seed=args.seed,
+        log_with=log_with, push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id,
+        num_workers=args.num_workers, channels_last=args.channels_last, max_nonfinite_steps=args.max_nonfinite_steps,
+        cpu=args.cpu,
+        **{k: v for k, v in preset.items() if k in TrainConfig.__dataclass_fields__},
+    )
+    if args.mixed_precision is None:
+        cfg.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise :class:`ConfigError` for impossible combinations (before data or models are touched)."""
+    positive = dict(batch_size=cfg.batch_size, max_steps=cfg.max_steps, image_size=cfg.image_size,
+                    checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
+                    gradient_accumulation_steps=cfg.gradient_accumulation_steps, keep_checkpoints=cfg.keep_checkpoints)
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if cfg.lr <= 0:
+        raise ConfigError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.num_workers < 0:
+        raise ConfigError(f"--num-workers must be ≥ 0, got {cfg.num_workers}")
+    if not 0 <= cfg.adversarial_weight < 1:
+        raise ConfigError(f"--adversarial-weight must be in [0, 1), got {cfg.adversarial_weight}")
+    if cfg.image_size < 16:
+        raise ConfigError(f"--image-size {cfg.image_size} is too small to crop and mask")
+    if cfg.pred_size is not None and cfg.pred_size < cfg.image_size and cfg.mask not in ("center", "none"):
+        raise ConfigError(
+            f"--mask {cfg.mask} drops pixels anywhere, but the {cfg.preset} preset predicts only the "
+            f"{cfg.pred_size}px centre; use --mask center, or --preset features for full-image prediction"
+        )
+    if cfg.mask_shapes and cfg.mask != "random-region":
+        raise ConfigError(f"--mask-shapes only applies to --mask random-region (got --mask {cfg.mask})")
+    if cfg.mask_shapes and not Path(cfg.mask_shapes).is_dir():
+        raise ConfigError(f"--mask-shapes folder {cfg.mask_shapes!r} does not exist")
+    if cfg.push_to_hub and not cfg.hub_model_id:
+        raise ConfigError("--push-to-hub needs --hub-model-id USER/NAME")
+    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"mixed precision {cfg.mixed_precision!r} is not one of no, fp16, bf16")
+    if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_dir():
+        raise ConfigError(f"--resume checkpoint {cfg.resume!r} does not exist")
+    if cfg.streaming and (cfg.data is None or Path(cfg.data).is_dir() and not _is_saved_dataset(cfg.data)):
+        raise ConfigError("--streaming applies to Hugging Face datasets, not to image folders or the demo set")
+    if cfg.adversarial and cfg.mask == "none":
+        raise ConfigError("the autoencoder baseline (--mask none) has no hole for the adversarial loss to judge")
+
+
+def _is_saved_dataset(path: str) -> bool:
+    return any((Path(path) / name).exists() for name in ("dataset_info.json", "dataset_dict.json"))

@@ -1,0 +1,225 @@
+"""The pretraining loop under accelerate, one function per phase (as MAE's ``engine_pretrain.py``).
+
+:func:`run` = :func:`make_accelerator` → :class:`~ce_pretrain.objective.ContextEncoderObjective` →
+:func:`resume` → :func:`make_loader` → :func:`train_loop` → :func:`finish`. Outputs in ``cfg.output_dir``:
+``config.json`` + ``model.safetensors`` + ``README.md`` (``ContextEncoder.from_pretrained``), ``timm-encoder/``,
+``checkpoints/step_*``, ``samples/*.png``, ``logs/`` and ``train_summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from tqdm.auto import tqdm
+
+from .atomic import write_text_atomic
+from .checkpoint import TrainState, check_resumable, checkpoint_dir, latest_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import EpochSampler, ImageDataset, StreamingImageDataset, collate
+from .export import save_timm_encoder
+from .figure import save_sample_grid
+from .masks import ShapeBank
+from .objective import ContextEncoderObjective, step_seed
+from .tracking import make_trackers, tracker_config
+
+__all__ = ["finish", "make_accelerator", "make_loader", "resume", "run", "train_loop"]
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The run's ``Accelerator``; torchrun-style launches (``accelerate launch --multi_gpu``) on a machine without
+    GPUs run DDP over gloo on CPUs."""
+    out = Path(cfg.output_dir)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(
+        cpu=cfg.cpu or (distributed and not torch.cuda.is_available()),
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=make_trackers(cfg.log_with, out / "logs") or None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+
+
+def resume(accelerator: Accelerator, cfg: TrainConfig, state: TrainState) -> None:
+    """Restore models, optimisers, RNGs and ``state`` from ``cfg.resume`` (``"latest"`` or a folder), if asked."""
+    if not cfg.resume:
+        return
+    ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume == "latest" else Path(cfg.resume)
+    if ckpt is None:
+        accelerator.print(f"no checkpoint in {checkpoint_dir(cfg.output_dir)}; starting from scratch")
+        return
+    check_resumable(ckpt, cfg)
+    accelerator.load_state(str(ckpt))
+    accelerator.print(f"resumed from {ckpt} at step {state.step}")
+
+
+def make_loader(cfg: TrainConfig, items, image_column: str | None, accelerator: Accelerator, start_step: int):
+    """The data loader of this process, positioned after the ``start_step`` steps already taken."""
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+    rank, world, start_at = accelerator.process_index, accelerator.num_processes, start_step * per_step
+    if cfg.streaming:
+        dataset = StreamingImageDataset(items, cfg.image_size, image_column, seed=cfg.seed, rank=rank,
+                                        world_size=world, start=start_at)
+        sampler, workers = None, min(cfg.num_workers, 1)
+    else:
+        dataset = ImageDataset(items, cfg.image_size, seed=cfg.seed, image_column=image_column,
+                               cache=len(items) <= 256)
+        sampler = EpochSampler(len(items), seed=cfg.seed, rank=rank, world_size=world, start=start_at)
+        workers = cfg.num_workers
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, num_workers=workers,
+        pin_memory=accelerator.device.type == "cuda", persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None,
+    )
+
+
+def sample_batch(cfg: TrainConfig, items, image_column: str | None, objective: ContextEncoderObjective,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed batch with fixed masks for the sample grids, so that they are comparable over time."""
+    if cfg.streaming:
+        stream = StreamingImageDataset(items, cfg.image_size, image_column, seed=cfg.seed + 1, buffer_size=1)
+        vis = [crop for crop, _ in itertools.islice(iter(stream), 6)]
+    else:
+        dataset = ImageDataset(items, cfg.image_size, seed=cfg.seed, image_column=image_column)
+        n = min(6, len(dataset))  # spread over the (sorted) data: not six images of its first folder
+        vis = [dataset[(0, i * len(dataset) // n)][0] for i in range(n)]
+    images = torch.from_numpy(np.stack(vis)).to(device).float().div(255)
+    return images, objective.masks(len(vis), cfg.seed, device)
+
+
+def train_loop(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEncoderObjective, loader,
+               state: TrainState, samples: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[dict, int, float]:
+    """Optimise until ``cfg.max_steps``; returns (last logged scalars, images seen, seconds)."""
+    out, device = Path(cfg.output_dir), accelerator.device
+    sample_every = cfg.sample_every or cfg.checkpoint_every
+    batches = iter(loader)
+    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
+               desc="ce-pretrain", dynamic_ncols=True, unit="step")
+    start, images_seen, last = time.perf_counter(), 0, {}
+    try:
+        while state.step < cfg.max_steps:
+            for micro in range(cfg.gradient_accumulation_steps):
+                crops, bad = next(batches)
+                state.skipped.update(bad)
+                images = crops.to(device, non_blocking=True).float().div_(255)
+                if cfg.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                seed = step_seed(cfg.seed, state.step, micro, accelerator.process_index)
+                mask = objective.masks(len(images), seed, device)
+                torch.manual_seed(seed)  # dropout: the same draws in a resumed run
+                loss, logs, finite = objective.step(images, mask)
+                _count_nonfinite(cfg, accelerator, state, finite, loss)
+                images_seen += len(images) * accelerator.num_processes
+            state.step += 1
+            bar.update(1)
+            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:  # .item() syncs: only when logging
+                last = {k: v.item() for k, v in logs.items()} | {"loss": loss.item()}
+                ips = images_seen / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{ips:.1f}")
+                accelerator.log(last | {"images_per_s": ips, "lr": objective.opt_g.param_groups[0]["lr"],
+                                        "skipped_files": len(state.skipped)}, step=state.step)
+            if state.step % cfg.checkpoint_every == 0 and state.step < cfg.max_steps:
+                save_checkpoint(accelerator, cfg, state.step)
+            if samples is not None and state.step % sample_every == 0:
+                save_sample_grid(objective.core, *samples, out / "samples" / f"step_{state.step:08d}.png")
+    finally:
+        bar.close()
+    return last, images_seen, time.perf_counter() - start
+
+
+def _count_nonfinite(cfg: TrainConfig, accelerator: Accelerator, state: TrainState, finite: bool,
+                     loss: torch.Tensor) -> None:
+    """Track consecutive skipped steps; stop the run once ``cfg.max_nonfinite_steps`` of them follow each other."""
+    if finite:
+        state.nonfinite = 0
+        return
+    state.nonfinite += 1
+    accelerator.print(f"step {state.step}: non-finite loss ({loss.item()}); step skipped ({state.nonfinite} in a row)")
+    if state.nonfinite >= cfg.max_nonfinite_steps:
+        raise FloatingPointError(
+            f"the loss was non-finite for {state.nonfinite} steps in a row at step {state.step}: training diverged "
+            f"(mixed precision {cfg.mixed_precision!r}); try --mixed-precision bf16 or no, a lower --lr, or "
+            f"--adversarial-weight 0. The last good checkpoint is in {checkpoint_dir(cfg.output_dir)}"
+        )
+
+
+def finish(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEncoderObjective, state: TrainState,
+           summary: dict, samples: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Final checkpoint, model + card, timm export, sample grid, summary, and the Hub push if asked."""
+    out, log, core = Path(cfg.output_dir), accelerator.print, objective.core
+    save_checkpoint(accelerator, cfg, state.step)
+    if not accelerator.is_main_process:
+        return
+    card = {"preset": cfg.preset, "data": cfg.data or "built-in demo photographs", "mask": cfg.mask,
+            "mask_shapes": cfg.mask_shapes, "loss": cfg.loss, "adversarial_weight": cfg.adversarial_weight,
+            "optimizer": f"Adam(lr={cfg.lr}, betas=({cfg.beta1}, 0.999))", "steps": state.step,
+            "global_batch": cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes,
+            "mixed_precision": cfg.mixed_precision, "processes": accelerator.num_processes,
+            "images_per_second": summary["images_per_second"], "final_loss": summary["final"].get("loss"),
+            "seed": cfg.seed}
+    core.save_pretrained(out, model_card_kwargs=dict(training=card, repo_id=cfg.hub_model_id))
+    save_timm_encoder(core, out / "timm-encoder")
+    if samples is not None:
+        save_sample_grid(core, *samples, out / "samples" / "final.png")
+    write_text_atomic(out / "train_summary.json", json.dumps(summary, indent=2, default=str))
+    skipped = summary["skipped_files"]
+    if skipped:
+        log(f"skipped {len(skipped)} unreadable image file(s): {', '.join(skipped[:10])}"
+            + (" ..." if len(skipped) > 10 else ""))
+    log(f"done: {state.step} steps, {summary['images_per_second']} images/s; model in {out} "
+        f"(ContextEncoder.from_pretrained), timm encoder in {out / 'timm-encoder'}")
+    if cfg.push_to_hub:
+        from huggingface_hub import HfApi  # only a Hub push needs the network
+
+        api = HfApi()
+        repo = api.create_repo(cfg.hub_model_id, exist_ok=True).repo_id
+        api.upload_folder(repo_id=repo, folder_path=str(out), ignore_patterns=["checkpoints/*", "logs/*", "*.tmp"],
+                          commit_message=f"ce-pretrain: {cfg.backbone}, {state.step} steps")
+        log(f"pushed to https://huggingface.co/{repo}")
+
+
+def run(cfg: TrainConfig, items, image_column: str | None, description: str) -> dict:
+    """Run (or resume) a pretraining; returns the summary also written to ``train_summary.json``.
+
+    Args:
+        cfg: a checked configuration (:func:`ce_pretrain.config.resolve_config`).
+        items: what :func:`ce_pretrain.data.open_source` returned for ``cfg.data``.
+        image_column: the image column of a Hugging Face dataset, else ``None``.
+        description: the data source in words, for logs and the summary.
+    """
+    accelerator = make_accelerator(cfg)
+    accelerator.print(f"data: {description}")
+    set_seed(cfg.seed)
+    shapes = ShapeBank.from_folder(cfg.mask_shapes) if cfg.mask_shapes else None
+    objective = ContextEncoderObjective.build(cfg, accelerator, shapes)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    resume(accelerator, cfg, state)
+    start_step = state.step
+    loader = make_loader(cfg, items, image_column, accelerator, start_step)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("ce_pretrain", config=tracker_config(cfg))
+    samples = sample_batch(cfg, items, image_column, objective, accelerator.device) \
+        if accelerator.is_main_process else None
+
+    last, images_seen, elapsed = train_loop(cfg, accelerator, objective, loader, state, samples)
+
+    summary = {
+        "steps": state.step, "resumed_from_step": start_step, "seconds": round(elapsed, 2),
+        "images_per_second": round(images_seen / max(elapsed, 1e-9), 2), "final": last,
+        "skipped_files": sorted(set().union(*gather_object([state.skipped]))), "data": description,
+        "processes": accelerator.num_processes, "mixed_precision": cfg.mixed_precision,
+        "config": dataclasses.asdict(cfg),
+    }
+    finish(cfg, accelerator, objective, state, summary, samples)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
