@@ -2,7 +2,9 @@
 
 import csv
 import json
+import math
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -111,6 +113,7 @@ def test_sigterm_saves_and_resume_equals_uninterrupted(tmp_path, uninterrupted, 
     assert resumed["weights"] == uninterrupted["weights"]
     assert resumed["final_loss"] == uninterrupted["final_loss"]
     assert not (tmp_path / "checkpoints").exists()
+    assert fit(make_task(), engine(tmp_path, resume="latest")) == resumed  # finished: nothing run again
 
 
 def test_max_time_stops_cleanly_and_resumes(tmp_path, uninterrupted):
@@ -154,14 +157,17 @@ def test_mixed_precision_reaches_the_forward(tmp_path):
 
 
 def test_logs_and_progress(tmp_path, capsys):
-    fit(make_task(), EngineConfig(output_dir=str(tmp_path), log_every=4, checkpoint_every=0))
+    fit(make_task(), EngineConfig(output_dir=str(tmp_path), log_every=4, checkpoint_every=0,
+                                  log_with=("csv", "tensorboard")))
+    assert list((tmp_path / "logs" / "tiny").glob("events.out.tfevents.*"))
     with open(tmp_path / "logs" / "tiny" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [4, 8, 12]
     lrs = [float(r["lr"]) for r in rows]
     assert all(float(r["loss"]) > 0 for r in rows) and lrs == sorted(lrs, reverse=True) and lrs[0] > lrs[-1]
     err = capsys.readouterr().err
-    assert "12/12" in err and "loss=" in err and "step/s" in err
+    assert "12/12" in err and "loss=" in err and "step/s" in err and "img_s=" in err
+    assert all(float(r["images_per_s"]) > 0 for r in rows)
 
 
 def test_divergence_is_one_line(tmp_path):
@@ -237,3 +243,107 @@ def test_two_processes_on_cpu_resume_equals_uninterrupted(tmp_path):
     stopped = launch("split", 0.5)
     assert not stopped["complete"] and 0 < stopped["steps"] < STEPS
     assert launch("split", 0)["weights"] == full["weights"]
+
+
+def _reference_loop(model, optimizer, scheduler, loader, loss_fn, total, clip=None) -> float:
+    """The loop each task had before the engine (classification, torchvision det and seg at 54222cc~1)."""
+    step, losses = 0, []
+    model.train()
+    while step < total:
+        for batch in loader:
+            loss = loss_fn(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            step += 1
+            if step >= total:
+                break
+    return sum(losses[-10:]) / len(losses[-10:])
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory):
+    from ce_pretrain import ContextEncoder
+    from transfer.common.synthetic_voc import make_synthetic_voc
+
+    root = tmp_path_factory.mktemp("voc")
+    torch.manual_seed(0)
+    ContextEncoder("resnet18", image_size=64).save_pretrained(root / "ce")
+    return str(root / "ce"), str(make_synthetic_voc(root / "data", num_images=8, size=64))
+
+
+@pytest.mark.slow
+def test_ported_tasks_give_the_numbers_of_their_old_loops(voc, tmp_path):
+    from transfer.classification import train as cls
+    from transfer.common import VOCClassification, VOCDetection, VOCSegmentation, load_encoder
+    from transfer.torchvision_det import train as det
+    from transfer.torchvision_det.model import build_faster_rcnn
+    from transfer.torchvision_seg import train as seg
+    from transfer.torchvision_seg.model import build_fcn
+
+    model_dir, data = voc
+    voc_dir = pathlib.Path(data) / "VOC2007"
+    ids = (voc_dir / "ImageSets/Main/trainval.txt").read_text().split()
+    test_ids = (voc_dir / "ImageSets/Main/test.txt").read_text().split()
+
+    # classification, fine-tuned
+    c = cls.ClassificationConfig(model=model_dir, data_root=data, max_steps=6, batch_size=3, test_crops=2,
+                                 num_workers=0, lr=1e-3, output_dir=str(tmp_path / "cls"))
+    torch.manual_seed(0)
+    ckpt = load_encoder(model_dir)
+    train_tf, test_tf = cls._transforms(ckpt, ckpt.image_size)
+    train_set = VOCClassification(data, 2007, ids=ids, transform=train_tf)
+    model = cls.build_model(ckpt, c)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=3, shuffle=True)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, c.lr, total_steps=6, pct_start=0.1)
+    loss = _reference_loop(model, optimizer, scheduler, loader, lambda m, b: cls.masked_bce(m(b[0]), b[1]), 6)
+    expected = cls.evaluate(model, VOCClassification(data, 2007, ids=test_ids, transform=test_tf), 2, 3, 0, 0)
+    got = cls.run(c)
+    assert (got["mAP"], got["final_loss"]) == (expected["mAP"], pytest.approx(loss, rel=1e-12))
+
+    # torchvision Faster R-CNN
+    d = det.DetectionConfig(model=model_dir, data_root=data, max_steps=4, min_size=64, max_size=96, num_workers=0,
+                            lr=0.005, output_dir=str(tmp_path / "det"))
+    torch.manual_seed(0)
+    ckpt = load_encoder(model_dir)
+    train_set = VOCDetection(data, 2007, ids=ids, transform=det._flip)
+    train_set.ids = [i for i in train_set.ids if len(train_set.annotation(i).labels)]
+    model = build_faster_rcnn(ckpt, 21, None, 64, 96, rpn_post_nms_top_n_test=d.test_proposals)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=d.lr, momentum=0.9, weight_decay=d.weight_decay)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=2, shuffle=True, collate_fn=det._collate)
+    total = 4
+
+    def warm_cosine(s):  # warm-up of max(1, total // 10) = 1 step, then cosine
+        return min(1.0, (s + 1) / 1) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warm_cosine)
+    loss = _reference_loop(model, optimizer, scheduler, loader, lambda m, b: sum(m(list(b[0]), [
+        {"boxes": t["boxes"], "labels": t["labels"]} for t in b[1]]).values()), total, clip=10.0)
+    expected = det.evaluate(model, VOCDetection(data, 2007, ids=test_ids, keep_difficult=True))
+    got = det.run(d)
+    assert (got["mAP"], got["final_loss"]) == (expected["mAP"], pytest.approx(loss, rel=1e-12))
+
+    # torchvision FCN
+    s = seg.SegmentationConfig(model=model_dir, data_root=data, year=2007, train_split="train", test_split="val",
+                               max_steps=4, batch_size=2, num_workers=0, output_dir=str(tmp_path / "seg"))
+    seg_dir = voc_dir / "ImageSets/Segmentation"
+    torch.manual_seed(0)
+    ckpt = load_encoder(model_dir)
+    train_set = VOCSegmentation(data, 2007, ids=(seg_dir / "train.txt").read_text().split(),
+                                transform=seg._PairTransform(ckpt.image_size))
+    model = build_fcn(ckpt, 21)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=2, shuffle=True, drop_last=True)
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=4, power=0.9)
+    loss = _reference_loop(model, optimizer, scheduler, loader,
+                           lambda m, b: F.cross_entropy(m(b[0]), b[1], ignore_index=255), 4)
+    expected = seg.evaluate(model, VOCSegmentation(data, 2007, ids=(seg_dir / "val.txt").read_text().split(),
+                                                   transform=seg._PairTransform(None)))
+    got = seg.run(s)
+    assert (got["mIoU"], got["final_loss"]) == (expected["mIoU"], pytest.approx(loss, rel=1e-12))

@@ -177,7 +177,7 @@ def _accelerator(cfg: EngineConfig, out: Path, task_name: str):
     from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
 
-    from ce_pretrain.train import CSVTracker
+    from ce_pretrain.tracking import CSVTracker
 
     # the precision is process-wide state in accelerate; a new run in the same process may ask for another one
     AcceleratorState._reset_state()
@@ -203,6 +203,22 @@ def _check_same_run(saved: dict, config: dict, checkpoint: Path) -> None:
                          f"{saved.get(k)!r}, now {config.get(k)!r} ({len(differ)} setting(s) differ)")
 
 
+def _finished_run(out: Path, config: dict) -> dict | None:
+    """The results of a finished run of this config in ``out`` (``--resume`` then has nothing to do), or None."""
+    results = out / "results.json"
+    if latest_checkpoint(out) is not None or not results.is_file():
+        return None
+    try:
+        previous = json.loads(results.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not (previous.get("complete") and isinstance(previous.get("config"), dict)):
+        return None
+    _check_same_run(previous["config"], config, results)
+    print(f"{results} holds the finished run; nothing to resume", file=sys.stderr)
+    return previous
+
+
 def fit(task: Task, cfg: EngineConfig) -> dict:
     """Train ``task`` (or resume it), evaluate it and write ``results.json`` (see the module docstring).
 
@@ -221,9 +237,12 @@ def fit(task: Task, cfg: EngineConfig) -> dict:
     check_positive(batch_size=task.batch_size, max_steps=task.max_steps, epochs=task.epochs,
                    log_every=cfg.log_every)
     out = check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
+    config = _json_config(task.config)
+    finished = _finished_run(out, config) if cfg.resume == "latest" else None
+    if finished is not None:
+        return finished
     accelerator = _accelerator(cfg, out, task.name)
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-    config = _json_config(task.config)
 
     sampler = ResumableRandomSampler(len(task.train_set), cfg.seed, rank, world)
     loader = torch.utils.data.DataLoader(
@@ -263,6 +282,7 @@ def fit(task: Task, cfg: EngineConfig) -> dict:
         accelerator.init_trackers(task.name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                      for k, v in config.items()})
     started, stop_reason = time.monotonic(), None
+    last_log = [started]  # when the last logged interval ended, for the image rate
     bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
                disable=not (cfg.progress and accelerator.is_local_main_process), desc=task.name)
 
@@ -282,12 +302,15 @@ def fit(task: Task, cfg: EngineConfig) -> dict:
             stacked = accelerator.reduce(stacked, "mean")
         totals = stacked.tolist()  # the loop's one host sync
         values = {k: t / max(1, step - logged_steps) for k, t in zip(names, totals)}
+        now = time.monotonic()
+        values["images_per_s"] = (step - logged_steps) * task.batch_size * world / max(now - last_log[0], 1e-9)
+        last_log[0] = now
         if not math.isfinite(values.get("loss", 0.0)):
             raise TrainingDiverged(f"{task.name}: the training loss became {values['loss']} by step {step}; "
                                    "lower the learning rate")
         values["lr"] = optimizer.param_groups[0]["lr"]
         accelerator.log(values, step=step)
-        bar.set_postfix(loss=f"{values['loss']:.4g}", refresh=False)
+        bar.set_postfix(loss=f"{values['loss']:.4g}", img_s=f"{values['images_per_s']:.1f}", refresh=False)
         sums.clear()
         logged_steps = step
 
