@@ -107,3 +107,18 @@ def test_pretrained_row_resumes_its_pretraining_between_milestones(table2, class
     assert set(cells) == {f"ce-region/seed0/images{batch}/knn", f"ce-region/seed0/images{2 * batch}/knn"}
     log = (out / "pretrain" / "ce-region" / "seed0" / "pretrain.log").read_text()
     assert "resumed from" in log and "at step 1" in log
+
+
+@pytest.mark.slow
+def test_voc_columns_run_through_the_entry_points(table2, classes, tmp_path):
+    from transfer.common.synthetic_voc import make_synthetic_voc
+
+    devkit = make_synthetic_voc(tmp_path / "voc", num_images=12, size=64, year=2012)
+    out = tmp_path / "study"
+    assert table2.main(["--budget", "smoke", "--data", str(classes), "--voc-root", str(devkit), "--output-dir",
+                        str(out), "--rows", "random-timm", "--columns", "voc-cls", "voc-det", "voc-seg",
+                        "--num-workers", "0", "--cpu", "--cpu-threads", "1"]) == 0
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert sorted(c["column"] for c in cells.values()) == ["voc-cls", "voc-det", "voc-seg"]
+    assert all(0 <= c["score"] <= 100 and c["steps"] >= 1 for c in cells.values())
+    assert "Paper, Table 2" in (out / "table2.md").read_text()
