@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Self
+from typing import Any
 
 import torch
 
@@ -21,7 +21,7 @@ class StopFlag:
         self.signum: int | None = None
         self.previous: dict[int, Any] = {}
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> StopGuard:
         if threading.current_thread() is threading.main_thread():
             self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
