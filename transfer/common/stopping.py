@@ -21,7 +21,7 @@ class StopFlag:
         self.signum: int | None = None
         self.previous: dict[int, Any] = {}
 
-    def __enter__(self) -> StopGuard:
+    def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
             self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
