@@ -324,8 +324,8 @@ def check_backbone_size(backbone: str, image_size: int, batch_size: int, backbon
             encoder(torch.empty(1, 3, image_size, image_size))
     except Exception as e:  # timm and torch raise assorted types for inputs a model cannot take
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{flag} is too small for {name} ({reason}); use at least "
-                          f"{native[-1] if native else 'a larger size'}") from None
+        own = f" (its own is {native[-1]})" if native else ""
+        raise ConfigError(f"{flag} is too small for {name} ({reason}); use a larger one{own}") from None
     finally:
         for hook in hooks:
             hook.remove()
