@@ -142,8 +142,10 @@ ARCHITECTURE_KEYS = ("backbone", "image_size", "pred_size", "overlap", "bottlene
 
 
 def check_resumable(checkpoint: Path, cfg: TrainConfig) -> None:
-    """Refuse to resume a checkpoint of a different run (other architecture, batch, data...)."""
+    """Refuse to resume a checkpoint of a different run (other architecture, batch, data...), or one holding
+    pickles ce-pretrain never writes."""
     saved = read_run_json(checkpoint)["config"]
+    _check_no_foreign_pickles(checkpoint)
     diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}" for k in ARCHITECTURE_KEYS
             if saved.get(k) != getattr(cfg, k)]
     if diff:

@@ -318,7 +318,8 @@ def check_backbone_size(backbone: str, image_size: int, batch_size: int, backbon
             activations += output.numel()
 
     # outputs of the layers with weights (convolutions, norms, linears): what the backward pass keeps
-    hooks = [m.register_forward_hook(count) for m in encoder.modules() if next(m.parameters(recurse=False), None) is not None]
+    weighted = [m for m in encoder.modules() if next(m.parameters(recurse=False), None) is not None]
+    hooks = [m.register_forward_hook(count) for m in weighted]
     try:
         with torch.device("meta"):
             encoder(torch.empty(1, 3, image_size, image_size))

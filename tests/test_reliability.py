@@ -1,6 +1,7 @@
 """A run is never lost and bad input never shows a traceback: signals, time budgets, output folders, untrusted
 checkpoints, and the checks made before any work (issue 12's cases, one test each)."""
 
+import dataclasses
 import json
 import os
 import pickle
@@ -65,7 +66,7 @@ def readonly_dir(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- signals
-@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)])
 def test_signal_saves_checkpoint_and_model_and_resume_equals_uninterrupted(image_folder, tmp_path, sig, code):
     common = ["--data", image_folder, "--seed", "3", "--checkpoint-every", "100000", *TINY]
     out = tmp_path / "run"
@@ -180,6 +181,37 @@ class _RunsCommand:
         return os.system, (f"touch {self.marker}",)
 
 
+def fake_checkpoint(image_folder: Path, out: Path) -> tuple[Path, list[str]]:
+    """A checkpoint folder whose run.json matches the flags returned (all that is read before a resume starts)."""
+    from ce_pretrain.config import build_parser, resolve_config
+
+    args = ["--data", str(image_folder), "--output-dir", str(out), "--max-steps", "3", *TINY]
+    cfg = resolve_config(build_parser().parse_args(args))
+    ckpt = out / "checkpoints" / "step_00000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "run.json").write_text(json.dumps({"step": 2, "config": dataclasses.asdict(cfg)}))
+    return ckpt, args
+
+
+def test_crafted_custom_pickle_is_refused_unread(image_folder, tmp_path, capsys):
+    ckpt, args = fake_checkpoint(image_folder, tmp_path / "run")
+    marker = tmp_path / "pwned"
+    with open(ckpt / "custom_checkpoint_0.pkl", "wb") as f:
+        pickle.dump(_RunsCommand(marker), f)
+    assert train_main([*args, "--resume", str(ckpt)], prog="ce-pretrain train") == 2
+    assert "refusing to unpickle" in one_line_error(capsys.readouterr().err)
+    assert not marker.exists()
+
+
+def test_corrupt_run_json_is_one_line(image_folder, tmp_path, capsys):
+    ckpt, args = fake_checkpoint(image_folder, tmp_path / "run")
+    (ckpt / "run.json").write_text('{"step": 2, "conf')
+    assert train_main([*args, "--resume", str(ckpt)], prog="ce-pretrain train") == 2
+    assert "corrupt" in one_line_error(capsys.readouterr().err)
+    assert train_main([*args, "--resume"], prog="ce-pretrain train") == 2  # latest: the same file
+    assert "corrupt" in one_line_error(capsys.readouterr().err)
+
+
 @pytest.fixture(scope="module")
 def checkpointed_run(tmp_path_factory):
     from conftest import write_images
@@ -191,8 +223,9 @@ def checkpointed_run(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("where", ["custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin"])
-def test_crafted_pickle_in_a_checkpoint_never_runs(checkpointed_run, tmp_path, where):
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["optimizer.bin", "random_states_0.pkl"])
+def test_crafted_pickle_in_accelerate_state_never_runs(checkpointed_run, tmp_path, where):
     run = tmp_path / "run"
     shutil.copytree(checkpointed_run / "run", run)
     ckpt = latest_checkpoint(run)
@@ -202,22 +235,10 @@ def test_crafted_pickle_in_a_checkpoint_never_runs(checkpointed_run, tmp_path, w
     rc, _, err = finish(train("--data", checkpointed_run / "images", "--output-dir", run, "--max-steps", "3",
                               "--resume", ckpt, *TINY))
     assert not marker.exists(), "the crafted pickle was executed"
-    if where == "custom_checkpoint_0.pkl":
-        assert rc == 2 and "refusing to unpickle" in one_line_error(err, "ce-pretrain train")
-    elif where == "optimizer.bin":  # torch.load(weights_only=True) rejects it: one line, nothing run
+    if where == "optimizer.bin":  # torch.load(weights_only=True) rejects it: one line, nothing run
         assert rc == 2 and "cannot resume" in one_line_error(err, "ce-pretrain train")
     else:  # accelerate reads RNG states with weights_only=True and goes on without them
         assert rc == 0 and "Traceback" not in err
-
-
-def test_corrupt_run_json_is_one_line(checkpointed_run, tmp_path, capsys):
-    run = tmp_path / "run"
-    shutil.copytree(checkpointed_run / "run", run)
-    ckpt = latest_checkpoint(run)
-    (ckpt / "run.json").write_text('{"step": 2, "conf')
-    args = ["--data", str(checkpointed_run / "images"), "--output-dir", str(run), "--max-steps", "3", *TINY]
-    assert train_main([*args, "--resume", str(ckpt)], prog="ce-pretrain train") == 2
-    assert "corrupt" in one_line_error(capsys.readouterr().err)
 
 
 # --------------------------------------------------------------------------------------- checks up front
