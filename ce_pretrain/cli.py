@@ -1,4 +1,4 @@
-"""The ``ce-pretrain`` command: train, inpaint, evaluate, neighbors, card, export.
+"""The ``ce-pretrain`` command: train, inpaint, evaluate, neighbors, card, export, demo.
 
 Thin: argument parsing, loading, and writing; the work is in :mod:`ce_pretrain.inpaint`, :mod:`ce_pretrain.evaluate`,
 :mod:`ce_pretrain.neighbors`, :mod:`ce_pretrain.model_card` and :mod:`ce_pretrain.export`. Bad input ends with one
@@ -9,6 +9,7 @@ written to a temporary name and renamed, so none is ever half-written.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from collections.abc import Sequence
@@ -228,6 +229,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.write_space:
+        from .space import write_space
+
+        print(f"Hugging Face Space written to {write_space(args.write_space, args.model)}/")
+        return 0
+    from .demo import GRADIO_MISSING, serve
+
+    if importlib.util.find_spec("gradio") is None:  # before loading the model; importing Gradio takes seconds
+        raise CLIError(GRADIO_MISSING)
+    return serve(_load_model(args.model, _device(args.device)), args)
+
+
 # ------------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``ce-pretrain`` and its subcommands."""
@@ -306,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a model already in the output folder (never the source model's own folder)")
     p.set_defaults(func=_cmd_export)
+
+    from .demo import add_demo_arguments
+
+    p = sub.add_parser("demo", help="serve a web page to inpaint uploaded images (needs the demo extra: Gradio)")
+    common(p)
+    add_demo_arguments(p)
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 
@@ -319,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return train_main([str(a) for a in argv[1:]], prog=f"{PROG} train")
     args = build_parser().parse_args([str(a) for a in argv])
-    for flag in ("limit", "pool_limit", "k", "batch_size", "tile"):
+    for flag in ("limit", "pool_limit", "k", "batch_size", "tile", "port"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             print(f"{PROG}: error: --{flag.replace('_', '-')} must be at least 1, got {value}", file=sys.stderr)
