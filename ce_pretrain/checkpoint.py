@@ -220,8 +220,8 @@ def check_writable(folder: Path, flag: str) -> None:
         raise ConfigError(f"{flag} {str(folder)!r} is not writable: {e.strerror or type(e).__name__}") from None
 
 
-def prepare_output_dir(cfg: TrainConfig) -> RunLock | None:
-    """Check ``cfg.output_dir`` before any work and lock it; returns the lock (``None`` on non-main processes).
+def prepare_output_dir(cfg: TrainConfig) -> RunLock:
+    """Check ``cfg.output_dir`` before any work and lock it; returns the lock (call it on the main process only).
 
     A folder holding files is refused unless ``cfg.resume`` continues its run or ``cfg.overwrite`` replaces it
     (deleting the earlier run's outputs, its checkpoints first, so a later ``--resume`` cannot pick up the old run).
@@ -229,8 +229,6 @@ def prepare_output_dir(cfg: TrainConfig) -> RunLock | None:
     Raises:
         ConfigError: a non-empty folder without --resume / --overwrite, an unwritable folder, or a locked one.
     """
-    if int(os.environ.get("RANK", "0")) != 0:
-        return None  # the launcher's rank 0 checks and locks for the run
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output-dir {str(out)!r} exists and is not a folder")

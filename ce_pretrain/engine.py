@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -19,13 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from accelerate import PartialState
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from .atomic import write_text_atomic
-from .checkpoint import (StopRequest, TrainState, check_resumable, checkpoint_dir, latest_checkpoint, load_checkpoint,
-                         save_checkpoint)
-from .config import TrainConfig
+from .checkpoint import (RunLock, StopRequest, TrainState, check_resumable, checkpoint_dir, latest_checkpoint,
+                         load_checkpoint, prepare_output_dir, save_checkpoint)
+from .config import ConfigError, TrainConfig
 from .data import EpochSampler, ImageDataset, StreamingImageDataset, collate
 from .export import save_timm_encoder
 from .figure import save_sample_grid
@@ -33,7 +35,7 @@ from .masks import ShapeBank
 from .objective import ContextEncoderObjective, step_seed
 from .tracking import make_trackers, tracker_config
 
-__all__ = ["STOP_SYNC_EVERY", "finish", "make_accelerator", "make_loader", "resume", "run", "train_loop"]
+__all__ = ["STOP_SYNC_EVERY", "claim_output_dir", "finish", "make_accelerator", "make_loader", "resume", "run", "train_loop"]
 
 # steps between the all-reduces by which several processes agree to stop (a signal, --max-time): a 4-byte
 # collective that waits for the device, so not every step; one process decides alone, every step, for free
@@ -44,14 +46,37 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """The run's ``Accelerator``; torchrun-style launches (``accelerate launch --multi_gpu``) on a machine without
     GPUs run DDP over gloo on CPUs."""
     out = Path(cfg.output_dir)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(
-        cpu=cfg.cpu or (distributed and not torch.cuda.is_available()),
+        cpu=_use_cpu(cfg),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=make_trackers(cfg.log_with, out / "logs") or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
+
+
+def _use_cpu(cfg: TrainConfig) -> bool:
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return cfg.cpu or (distributed and not torch.cuda.is_available())
+
+
+def claim_output_dir(cfg: TrainConfig) -> RunLock | None:
+    """Check and lock ``cfg.output_dir`` on the main process before anything is written; every process raises the
+    same :class:`~ce_pretrain.config.ConfigError` if it is refused. Returns the lock on the main process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return prepare_output_dir(cfg)
+    state = PartialState(cpu=_use_cpu(cfg))  # the process group, so that the others wait for the verdict
+    lock, error = None, None
+    if state.is_main_process:
+        try:
+            lock = prepare_output_dir(cfg)
+        except ConfigError as e:
+            error = str(e)
+    if state.num_processes > 1:
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        raise ConfigError(error)
+    return lock
 
 
 def resume(accelerator: Accelerator, cfg: TrainConfig, state: TrainState) -> None:
@@ -83,8 +108,15 @@ def make_loader(cfg: TrainConfig, items, image_column: str | None, accelerator: 
     return torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, num_workers=workers,
         pin_memory=accelerator.device.type == "cuda", persistent_workers=workers > 0,
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=4 if workers else None, worker_init_fn=_leave_signals_to_the_main_process,
     )
+
+
+def _leave_signals_to_the_main_process(_worker_id: int) -> None:
+    """Loader workers ignore Ctrl-C / SIGTERM sent to the whole process group: the main process finishes its step
+    (which may need their next batch) and shuts them down; they exit by themselves if it dies."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def sample_batch(cfg: TrainConfig, items, image_column: str | None, objective: ContextEncoderObjective,
@@ -198,7 +230,14 @@ def finish(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEncoder
             "mixed_precision": cfg.mixed_precision, "processes": accelerator.num_processes,
             "images_per_second": summary["images_per_second"], "final_loss": summary["final"].get("loss"),
             "seed": cfg.seed}
-    core.save_pretrained(out, model_card_kwargs=dict(training=card, repo_id=cfg.hub_model_id))
+    # the Hub mixin writes in place: stage its files beside the run and rename each one, so that a kill (or a
+    # second Ctrl-C) mid-save leaves the previous model.safetensors / config.json whole
+    staging = out / f".tmp-model-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    core.save_pretrained(staging, model_card_kwargs=dict(training=card, repo_id=cfg.hub_model_id))
+    for file in staging.iterdir():
+        os.replace(file, out / file.name)
+    staging.rmdir()
     save_timm_encoder(core, out / "timm-encoder")
     if samples is not None:
         save_sample_grid(core, *samples, out / "samples" / "final.png")
@@ -239,7 +278,12 @@ def run(cfg: TrainConfig, items, image_column: str | None, description: str,
         resume_command: the command line that continues this run, printed when it stops early.
     """
     with StopRequest(cfg.max_time) as stop:
-        return _run(cfg, items, image_column, description, resume_command, stop)
+        lock = claim_output_dir(cfg)
+        try:
+            return _run(cfg, items, image_column, description, resume_command, stop)
+        finally:
+            if lock is not None:
+                lock.release()
 
 
 def _run(cfg: TrainConfig, items, image_column: str | None, description: str, resume_command: str | None,

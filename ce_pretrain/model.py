@@ -285,6 +285,9 @@ class ContextEncoder(
             if not (path / constants.CONFIG_NAME).is_file():
                 raise FileNotFoundError(f"folder {ref!r} has no {constants.CONFIG_NAME}: it is not a model written "
                                         "by save_pretrained (or ce_pretrain/train.py's --output-dir)")
+            if not (path / constants.SAFETENSORS_SINGLE_FILE).is_file():  # before building a model for nothing
+                raise FileNotFoundError(f"folder {ref!r} has no {constants.SAFETENSORS_SINGLE_FILE}; is it a "
+                                        "directory written by save_pretrained?")
             return super().from_pretrained(str(path), **kwargs)
         if path.exists():
             raise FileNotFoundError(f"{ref!r} is a file; pass the folder written by save_pretrained")

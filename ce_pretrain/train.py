@@ -24,7 +24,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ce_pretrain.checkpoint import check_resumable, latest_checkpoint, prepare_output_dir, read_run_json
+from ce_pretrain.checkpoint import check_resumable, latest_checkpoint, read_run_json
 from ce_pretrain.config import ConfigError, build_parser, check_backbone_size, resolve_config
 from ce_pretrain.data import DataSourceError, open_source
 from ce_pretrain.engine import run
@@ -49,36 +49,30 @@ def main(argv: list[str] | None = None, prog: str = "ce_pretrain/train.py") -> i
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(prog).parse_args(argv)
-    lock = None
     try:
+        cfg = resolve_config(args)
         try:
-            cfg = resolve_config(args)
-            try:
-                resolve_backbone_name(cfg.backbone)
-                check_backbone_size(cfg.backbone, cfg.image_size, cfg.batch_size)
-                items, column, description = open_source(cfg.data, cfg.data_split, streaming=cfg.streaming)
-            except (DataSourceError, UnknownBackboneError) as e:
-                raise ConfigError(str(e)) from e
-            if cfg.resume not in (None, "latest"):
-                read_run_json(Path(cfg.resume))
-                check_resumable(Path(cfg.resume), cfg)
-            elif cfg.resume == "latest" and (ckpt := latest_checkpoint(cfg.output_dir)) is not None:
-                check_resumable(ckpt, cfg)
-            lock = prepare_output_dir(cfg)
-            summary = run(cfg, items, column, description, resume_command=_resume_command(prog, argv))
-        except ConfigError as e:
-            print(f"{prog}: error: {e}", file=sys.stderr)
-            return 2
-        except FloatingPointError as e:
-            print(f"{prog}: error: {e}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:  # Ctrl-C before the training loop took over the signal
-            print(f"{prog}: interrupted before training started", file=sys.stderr)
-            return 130
-        return summary["exit_code"]
-    finally:
-        if lock is not None:
-            lock.release()
+            resolve_backbone_name(cfg.backbone)
+            check_backbone_size(cfg.backbone, cfg.image_size, cfg.batch_size)
+            items, column, description = open_source(cfg.data, cfg.data_split, streaming=cfg.streaming)
+        except (DataSourceError, UnknownBackboneError) as e:
+            raise ConfigError(str(e)) from e
+        if cfg.resume not in (None, "latest"):
+            read_run_json(Path(cfg.resume))
+            check_resumable(Path(cfg.resume), cfg)
+        elif cfg.resume == "latest" and (ckpt := latest_checkpoint(cfg.output_dir)) is not None:
+            check_resumable(ckpt, cfg)
+        summary = run(cfg, items, column, description, resume_command=_resume_command(prog, argv))
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C before the training loop took over the signal
+        print(f"{prog}: interrupted before training started", file=sys.stderr)
+        return 130
+    return summary["exit_code"]
 
 
 if __name__ == "__main__":
