@@ -35,7 +35,8 @@ from .masks import ShapeBank
 from .objective import ContextEncoderObjective, step_seed
 from .tracking import make_trackers, tracker_config
 
-__all__ = ["STOP_SYNC_EVERY", "claim_output_dir", "finish", "make_accelerator", "make_loader", "resume", "run", "train_loop"]
+__all__ = ["STOP_SYNC_EVERY", "claim_output_dir", "finish", "make_accelerator", "make_loader", "resume", "run",
+           "should_stop", "train_loop"]
 
 # steps between the all-reduces by which several processes agree to stop (a signal, --max-time): a 4-byte
 # collective that waits for the device, so not every step; one process decides alone, every step, for free

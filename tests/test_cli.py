@@ -197,7 +197,8 @@ def test_train_subcommand_is_the_training_script(capsys):
     assert main(["train", "--max-steps", "0"]) == 2
     via_cli = capsys.readouterr().err.strip()
     assert train_main(["--max-steps", "0"], prog="ce-pretrain train") == 2
-    assert via_cli == capsys.readouterr().err.strip() == "ce-pretrain train: error: --max-steps must be at least 1, got 0"
+    expected = "ce-pretrain train: error: --max-steps must be at least 1, got 0"
+    assert via_cli == capsys.readouterr().err.strip() == expected
 
 
 def test_python_dash_m_runs_the_command():
