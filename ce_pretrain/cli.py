@@ -45,26 +45,28 @@ def _device(name: str | None) -> torch.device:
 
 
 def _load_model(ref: str, device: torch.device):
-    """A ContextEncoder from a ``save_pretrained`` folder or a Hub repository id."""
+    """A ContextEncoder from a ``save_pretrained`` folder or a Hub repository id (errors: one line, see
+    :meth:`ContextEncoder.from_pretrained`)."""
     from .model import ContextEncoder, IncompatibleCheckpointError
 
-    path = Path(ref).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CLIError(f"--model {ref!r} is a file; pass the folder written by save_pretrained")
-        if not (path / "config.json").is_file():
-            raise CLIError(f"--model {ref!r} is not a model folder (no config.json); pass the folder written by "
-                           "save_pretrained")
-        ref = str(path)
-    elif ref.startswith((".", "/", "~")) or ref.count("/") != 1:
-        raise CLIError(f"no model at {ref!r}: no such folder, and not a Hugging Face repository id (owner/name)")
     try:
         model = ContextEncoder.from_pretrained(ref)
     except (FileNotFoundError, IncompatibleCheckpointError) as e:
-        raise CLIError(f"cannot load model {ref!r}: {_first_line(e)}") from e
-    except Exception as e:  # huggingface_hub raises many types (offline, not found, gated, HTTP): all mean "no model"
-        raise CLIError(f"cannot load model {ref!r}: {_first_line(e)}") from e
+        raise CLIError(f"--model {ref!r}: {_first_line(e)}") from e
+    except (ValueError, TypeError) as e:  # a config.json that does not describe a ContextEncoder
+        raise CLIError(f"--model {ref!r}: not a ce-pretrain model ({_first_line(e)})") from e
     return model.to(device).eval()
+
+
+def _check_writable(folder: Path, flag: str) -> None:
+    """Fail before any work if ``folder`` cannot be written (read-only, full, a file in the way)."""
+    from .checkpoint import check_writable
+    from .config import ConfigError
+
+    try:
+        check_writable(folder, flag)
+    except ConfigError as e:
+        raise CLIError(str(e)) from e
 
 
 def _output_dir(path: str) -> Path:
@@ -129,6 +131,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     json_path = Path(args.json) if args.json else None
     if json_path is not None and not json_path.parent.is_dir():
         raise CLIError(f"--json {args.json!r}: folder {str(json_path.parent)!r} does not exist")
+    if json_path is not None:
+        _check_writable(json_path.parent, "--json folder")
     model = _load_model(args.model, _device(args.device))
     images, files = load_folder(args.data, model.image_size, args.limit)
     pool, pool_files = (None, [])
@@ -209,6 +213,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .export import save_timm_encoder
 
     out = _output_dir(args.out)
+    source = Path(args.model).expanduser()
+    if source.is_dir() and out.exists() and out.resolve() == source.resolve():
+        raise CLIError(f"--output-dir {args.out!r} is the model's own folder: exporting there would replace the "
+                       "trained model with the bare encoder; choose another folder (e.g. MODEL/timm-encoder)")
+    taken = [name for name in ("model.safetensors", "config.json") if (out / name).exists()]
+    if taken and not args.overwrite:
+        raise CLIError(f"--output-dir {args.out!r} already holds a model ({', '.join(taken)}); pass --overwrite to "
+                       "replace it, or choose another folder")
+    _check_writable(out, "--output-dir")
     model = _load_model(args.model, torch.device("cpu"))
     save_timm_encoder(model, out)
     print(f"encoder written in timm's layout to {out}/ (load with timm.create_model('local-dir:{out}', "
@@ -304,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the encoder in timm's Hub layout (config.json + model.safetensors)")
     common(p, device=False)
     p.add_argument("--output-dir", "--out", dest="out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a model already in the output folder (never the source model's own folder)")
     p.set_defaults(func=_cmd_export)
 
     from .demo import add_demo_arguments
@@ -332,6 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
     except (CLIError, ImageReadError) as e:
         print(f"{PROG}: error: {_first_line(e)}", file=sys.stderr)
         return 2

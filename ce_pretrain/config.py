@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .masks import TRAIN_MASK_KINDS
 
 __all__ = ["DEMO_BATCH_SIZE", "DEMO_MAX_STEPS", "PRESETS", "ConfigError", "TrainConfig", "build_parser",
-           "resolve_config", "validate"]
+           "check_backbone_size", "default_image_size", "parse_duration", "resolve_config", "validate"]
 
 PRESETS: dict[str, dict] = {
     # §5.2: AlexNet from scratch, random-region masks, L2 only (the adversarial loss diverged with AlexNet),
@@ -81,6 +82,8 @@ class TrainConfig:
     check_finite_every: int | None = None
     channels_last: bool = True
     cpu: bool = False
+    max_time: float | None = None
+    overwrite: bool = False
 
     @property
     def adversarial(self) -> bool:
@@ -90,6 +93,29 @@ class TrainConfig:
         return dict(backbone=self.backbone, image_size=self.image_size, pred_size=self.pred_size,
                     overlap=self.overlap, bottleneck=self.bottleneck, mask=self.mask)
 
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def parse_duration(text: str) -> float:
+    """``"90"``, ``"90s"``, ``"20m"``, ``"1h30m"``, ``"1h30m15s"`` → seconds.
+
+    Raises:
+        ConfigError: for anything else, or a duration that is not positive.
+    """
+    text = text.strip().lower()
+    try:
+        seconds = float(text)
+    except ValueError:
+        match = _DURATION.fullmatch(text)
+        if not text or match is None:
+            raise ConfigError(f"--max-time {text!r} is not a duration: use seconds (5400), or h/m/s as in 20m, "
+                              "1h30m, 45s") from None
+        h, m, s = (float(g) if g else 0.0 for g in match.groups())
+        seconds = 3600 * h + 60 * m + s
+    if not seconds > 0 or seconds == float("inf"):
+        raise ConfigError(f"--max-time must be a positive duration, got {text!r}")
+    return seconds
 
 
 def build_parser(prog: str = "ce_pretrain/train.py") -> argparse.ArgumentParser:
@@ -159,6 +185,12 @@ def build_parser(prog: str = "ce_pretrain/train.py") -> argparse.ArgumentParser:
                         "tracker), or none")
     r.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
                    help="continue from the latest checkpoint in --output-dir, or from the given checkpoint folder")
+    r.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --output-dir that holds an earlier run: its model, checkpoints, samples "
+                        "and logs are deleted first (without this or --resume such a folder is refused)")
+    r.add_argument("--max-time", metavar="DURATION",
+                   help="wall-clock budget of this invocation (5400, 90m, 1h30m): at the end of the step that "
+                        "exceeds it, save a checkpoint and the model and exit 0; --resume continues")
     r.add_argument("--push-to-hub", action="store_true", help="upload the final model to the Hugging Face Hub")
     r.add_argument("--hub-model-id", help="Hub repository, e.g. user/ce-alexnet (needed with --push-to-hub)")
     o.add_argument("--max-nonfinite-steps", type=int, default=20,
@@ -177,6 +209,10 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     pick = {k: getattr(args, k) for k in ("backbone", "image_size", "mask", "lr", "beta1", "adversarial_weight",
                                           "batch_size") if getattr(args, k) is not None}
     preset.update(pick)
+    if args.image_size is None and args.backbone is not None and args.backbone != PRESETS[args.preset]["backbone"]:
+        preset["image_size"] = default_image_size(args.backbone, PRESETS[args.preset]["image_size"])
+        if args.preset == "inpainting":
+            preset["pred_size"] = preset["image_size"] // 2
     if args.max_steps is not None:
         preset["max_steps"] = args.max_steps
     elif args.data is None:
@@ -200,7 +236,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         log_with=log_with, push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id,
         num_workers=args.num_workers, channels_last=args.channels_last, max_nonfinite_steps=args.max_nonfinite_steps,
         check_finite_every=args.check_finite_every,
-        cpu=args.cpu,
+        cpu=args.cpu, overwrite=args.overwrite,
+        max_time=None if args.max_time is None else parse_duration(args.max_time),
         **{k: v for k, v in preset.items() if k in TrainConfig.__dataclass_fields__},
     )
     if args.mixed_precision is None:
@@ -245,6 +282,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("--push-to-hub needs --hub-model-id USER/NAME")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"mixed precision {cfg.mixed_precision!r} is not one of no, fp16, bf16")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it: pass one of them")
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_dir():
         raise ConfigError(f"--resume checkpoint {cfg.resume!r} does not exist")
     if cfg.streaming and (cfg.data is None or Path(cfg.data).is_dir() and not _is_saved_dataset(cfg.data)):
@@ -257,3 +296,76 @@ def validate(cfg: TrainConfig) -> None:
 
 def _is_saved_dataset(path: str) -> bool:
     return any((Path(path) / name).exists() for name in ("dataset_info.json", "dataset_dict.json"))
+
+
+def default_image_size(backbone: str, fallback: int) -> int:
+    """The side a backbone was designed for: timm's ``pretrained_cfg['input_size']``, else ``fallback``."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(backbone.split(".", 1)[0]) if "/" not in backbone else None
+    size = getattr(cfg, "input_size", None)
+    return int(size[-1]) if size else fallback
+
+
+def check_backbone_size(backbone: str, image_size: int, batch_size: int, backbone_kwargs: dict | None = None,
+                        memory_bytes: int | None = None) -> None:
+    """Refuse an ``image_size`` that ``backbone`` cannot take, or whose activations cannot fit in memory.
+
+    The encoder is built on the ``meta`` device (no weights allocated, about a second) and run once, so a size
+    below the backbone's minimum (AlexNet's pool5 at 64 px), a fixed-size model (a ViT at anything but its own
+    size) and an absurd size (5000 px) fail here in one line instead of deep inside torch after the data is read.
+
+    Raises:
+        ConfigError: naming the backbone, the size and what would work.
+    """
+    import torch
+
+    from .model import Encoder
+
+    name = backbone.split(".", 1)[0]
+    flag = f"--image-size {image_size}"
+    with torch.device("meta"):
+        encoder = Encoder(backbone, **(backbone_kwargs or {}))
+    native = (encoder.model.pretrained_cfg or {}).get("input_size")
+    if (encoder.model.pretrained_cfg or {}).get("fixed_input_size") and native and native[-1] != image_size:
+        raise ConfigError(f"{flag}: {name} takes {native[-1]}×{native[-1]} images only; drop --image-size to use "
+                          f"{native[-1]}, or choose a backbone that takes any size")
+    activations = 0
+
+    def count(_module, _inputs, output) -> None:
+        nonlocal activations
+        if isinstance(output, torch.Tensor):
+            activations += output.numel()
+
+    # outputs of the layers with weights (convolutions, norms, linears): what the backward pass keeps
+    weighted = [m for m in encoder.modules() if next(m.parameters(recurse=False), None) is not None]
+    hooks = [m.register_forward_hook(count) for m in weighted]
+    try:
+        with torch.device("meta"):
+            encoder(torch.empty(1, 3, image_size, image_size))
+    except Exception as e:  # timm and torch raise assorted types for inputs a model cannot take
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        own = f" (its own is {native[-1]})" if native else ""
+        raise ConfigError(f"{flag} is too small for {name} ({reason}); use a larger one{own}") from None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # in fp32; the decoder, gradients and optimiser come on top, so this is a lower bound
+    need = activations * 4 * batch_size
+    have = memory_bytes if memory_bytes is not None else _device_memory()
+    if have and need > have:
+        raise ConfigError(f"{flag} with --batch-size {batch_size}: {name}'s activations alone need about "
+                          f"{need / 2**30:,.0f} GiB, more than the {have / 2**30:,.0f} GiB of this device; "
+                          "lower --image-size or --batch-size")
+
+
+def _device_memory() -> int | None:
+    """Bytes of the first GPU, else of the machine's RAM (``None`` when neither can be read)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None

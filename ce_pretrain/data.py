@@ -335,12 +335,42 @@ def _hf_image_column(ds) -> str:
     raise DataSourceError(f"the dataset has no image column (columns: {', '.join(ds.features)})")
 
 
+_PROBE = 64
+
+
+def _check_readable(files: Sequence[Path], data: str) -> None:
+    """Refuse a folder whose first images are all unreadable (a wrong folder, or files still downloading).
+
+    A few bad files are skipped during training; a folder of nothing but bad files would only fail later, inside
+    a loader worker.
+    """
+    reasons = []
+    for path in files[:_PROBE]:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(path) as img:
+                    img.verify()  # the header and structure, without decoding every pixel
+            return
+        except _BAD_IMAGE as e:
+            reasons.append(f"{path.name}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+    what = f"none of the {len(files)} image files" if len(files) <= _PROBE else f"none of the first {_PROBE} files"
+    raise DataSourceError(f"{what} in {data!r} can be read as an image (e.g. {reasons[0]})")
+
+
+def _looks_like_dataset_id(data: str) -> bool:
+    """``name`` or ``owner/name`` as the Hub spells datasets; paths (``./x``, ``/x``, ``~/x``, ``a/b/c``) are not."""
+    parts = data.split("/")
+    return len(parts) <= 2 and all(p and p[0] not in ".-~" and all(c.isalnum() or c in "-_." for c in p)
+                                   for p in parts)
+
+
 def open_source(data: str | None, split: str = "train", streaming: bool = False) -> tuple[object, str | None, str]:
     """Resolve ``--data`` into ``(items, image_column, description)`` without building any model.
 
     ``None`` is the built-in sample; an existing folder is searched for images, unless it is a dataset written by
-    ``datasets``' ``save_to_disk``; anything else is a Hugging Face dataset name (with ``streaming``, a
-    ``datasets.IterableDataset`` read as it downloads).
+    ``datasets``' ``save_to_disk``; a ``name`` or ``owner/name`` that is no folder is a Hugging Face dataset (with
+    ``streaming``, a ``datasets.IterableDataset`` read as it downloads); any other path is a missing folder.
 
     Raises:
         DataSourceError: with a one-line reason.
@@ -364,8 +394,9 @@ def open_source(data: str | None, split: str = "train", streaming: bool = False)
         if streaming:
             return ds.to_iterable_dataset(), _hf_image_column(ds), f"dataset {data!r} ({split}), streamed"
         return ds, _hf_image_column(ds), f"Hugging Face dataset {data!r} ({split}): {len(ds)} images"
-    if path.exists() or os.sep in data or data.startswith("."):
-        files = list_images(path)
+    if path.exists() or not _looks_like_dataset_id(data):
+        files = list_images(path.expanduser())
+        _check_readable(files, data)
         return files, None, f"image folder {data!r}: {len(files)} images"
     try:
         from datasets import load_dataset
@@ -380,7 +411,9 @@ def open_source(data: str | None, split: str = "train", streaming: bool = False)
     except DataSourceError:
         raise
     except Exception as e:  # the datasets library raises many types; the message is what the user needs
-        raise DataSourceError(f"cannot load dataset {data!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataSourceError(f"no folder {data!r} here, and the Hugging Face dataset {data!r} cannot be loaded: "
+                              f"{reason}") from None
     if len(ds) == 0:
         raise DataSourceError(f"dataset {data!r} is empty")
     return ds, _hf_image_column(ds), f"Hugging Face dataset {data!r} ({split}): {len(ds)} images"

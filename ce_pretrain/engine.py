@@ -12,18 +12,22 @@ import dataclasses
 import itertools
 import json
 import os
+import shutil
+import signal
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from accelerate import PartialState
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from .atomic import write_text_atomic
-from .checkpoint import TrainState, check_resumable, checkpoint_dir, latest_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .checkpoint import (RunLock, StopRequest, TrainState, check_resumable, checkpoint_dir, latest_checkpoint,
+                         load_checkpoint, prepare_output_dir, save_checkpoint)
+from .config import ConfigError, TrainConfig
 from .data import EpochSampler, ImageDataset, StreamingImageDataset, collate
 from .export import save_timm_encoder
 from .figure import save_sample_grid
@@ -32,23 +36,50 @@ from .masks import ShapeBank
 from .objective import ContextEncoderObjective, NonFiniteMonitor, all_finite, step_seed
 from .tracking import make_trackers, tracker_config
 
-__all__ = ["check_nonfinite", "ensure_finite_weights", "finish", "make_accelerator", "make_loader", "resume",
-           "run", "train_loop"]
+__all__ = ["STOP_SYNC_EVERY", "check_nonfinite", "claim_output_dir", "ensure_finite_weights", "finish",
+           "make_accelerator", "make_loader", "resume", "run", "should_stop", "train_loop"]
+
+# steps between the all-reduces by which several processes agree to stop (a signal, --max-time): a 4-byte
+# collective that waits for the device, so not every step; one process decides alone, every step, for free
+STOP_SYNC_EVERY = 10
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """The run's ``Accelerator``; torchrun-style launches (``accelerate launch --multi_gpu``) on a machine without
     GPUs run DDP over gloo on CPUs."""
     out = Path(cfg.output_dir)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest kernels once
     return Accelerator(
-        cpu=cfg.cpu or (distributed and not torch.cuda.is_available()),
+        cpu=_use_cpu(cfg),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=make_trackers(cfg.log_with, out / "logs") or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
+
+
+def _use_cpu(cfg: TrainConfig) -> bool:
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return cfg.cpu or (distributed and not torch.cuda.is_available())
+
+
+def claim_output_dir(cfg: TrainConfig) -> RunLock | None:
+    """Check and lock ``cfg.output_dir`` on the main process before anything is written; every process raises the
+    same :class:`~ce_pretrain.config.ConfigError` if it is refused. Returns the lock on the main process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return prepare_output_dir(cfg)
+    state = PartialState(cpu=_use_cpu(cfg))  # the process group, so that the others wait for the verdict
+    lock, error = None, None
+    if state.is_main_process:
+        try:
+            lock = prepare_output_dir(cfg)
+        except ConfigError as e:
+            error = str(e)
+    if state.num_processes > 1:
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        raise ConfigError(error)
+    return lock
 
 
 def resume(accelerator: Accelerator, cfg: TrainConfig, state: TrainState) -> None:
@@ -60,7 +91,7 @@ def resume(accelerator: Accelerator, cfg: TrainConfig, state: TrainState) -> Non
         accelerator.print(f"no checkpoint in {checkpoint_dir(cfg.output_dir)}; starting from scratch")
         return
     check_resumable(ckpt, cfg)
-    accelerator.load_state(str(ckpt))
+    load_checkpoint(accelerator, ckpt, state)
     accelerator.print(f"resumed from {ckpt} at step {state.step}")
 
 
@@ -86,8 +117,15 @@ def make_loader(cfg: TrainConfig, items, image_column: str | None, accelerator: 
     return torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, num_workers=workers,
         pin_memory=accelerator.device.type == "cuda", persistent_workers=workers > 0,
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=4 if workers else None, worker_init_fn=_leave_signals_to_the_main_process,
     )
+
+
+def _leave_signals_to_the_main_process(_worker_id: int) -> None:
+    """Loader workers ignore Ctrl-C / SIGTERM sent to the whole process group: the main process finishes its step
+    (which may need their next batch) and shuts them down; they exit by themselves if it dies."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def sample_batch(cfg: TrainConfig, items, image_column: str | None, objective: ContextEncoderObjective,
@@ -104,9 +142,29 @@ def sample_batch(cfg: TrainConfig, items, image_column: str | None, objective: C
     return images, objective.masks(len(vis), cfg.seed, device)
 
 
+def should_stop(accelerator: Accelerator, stop: StopRequest | None, step: int) -> int:
+    """Whether every process stops after ``step``: 0 = go on, else :meth:`StopRequest.code` of the strongest wish.
+
+    One process reads its own flags (no device work). Several agree through an all-reduce (max) every
+    :data:`STOP_SYNC_EVERY` steps, at the same steps on every rank, so that all of them stop after the same step
+    and the collective cannot deadlock.
+    """
+    if stop is None:
+        return 0
+    if accelerator.num_processes == 1:
+        return stop.code()
+    if step % STOP_SYNC_EVERY:
+        return 0
+    wish = torch.tensor([stop.code()], device=accelerator.device)
+    torch.distributed.all_reduce(wish, op=torch.distributed.ReduceOp.MAX)
+    return int(wish.item())
+
+
 def train_loop(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEncoderObjective, loader,
-               state: TrainState, samples: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[dict, int, float]:
-    """Optimise until ``cfg.max_steps``; returns (last logged scalars, images seen, seconds)."""
+               state: TrainState, samples: tuple[torch.Tensor, torch.Tensor] | None,
+               stop: StopRequest | None = None) -> tuple[dict, int, float, int]:
+    """Optimise until ``cfg.max_steps`` or a stop request; returns (last logged scalars, images seen, seconds,
+    stop code: 0 = finished, 1 = ``--max-time``, 128 + N = signal N)."""
     out, device = Path(cfg.output_dir), accelerator.device
     sample_every = cfg.sample_every or cfg.checkpoint_every
     check_every = cfg.check_finite_every or cfg.log_every
@@ -114,7 +172,7 @@ def train_loop(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEnc
     batches = iter(loader)
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
                desc="ce-pretrain", dynamic_ncols=True, unit="step")
-    start, images_seen, last = time.perf_counter(), 0, {}
+    start, images_seen, last, stopped = time.perf_counter(), 0, {}, 0
     try:
         while state.step < cfg.max_steps:
             # nothing in this loop waits for the device except the reads every `check_every` / `log_every` steps
@@ -144,12 +202,17 @@ def train_loop(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEnc
                                         "skipped_files": len(state.skipped)}, step=state.step)
             if checkpoint_due:
                 ensure_finite_weights(cfg, objective, state)
-                save_checkpoint(accelerator, cfg, state.step)
+                save_checkpoint(accelerator, cfg, state)
             if samples is not None and state.step % sample_every == 0:
                 save_sample_grid(objective.core, *samples, out / "samples" / f"step_{state.step:08d}.png")
+            if state.step < cfg.max_steps and (stopped := should_stop(accelerator, stop, state.step)):
+                check_nonfinite(cfg, accelerator, objective, state)  # the checkpoint carries the skip count
+                if not last:  # the summary names the loss the run stopped at
+                    last = {k: v.item() for k, v in logs.items()} | {"loss": loss.item()}
+                break
     finally:
         bar.close()
-    return last, images_seen, time.perf_counter() - start
+    return last, images_seen, time.perf_counter() - start, stopped
 
 
 def check_nonfinite(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEncoderObjective,
@@ -187,11 +250,14 @@ def _last_good(cfg: TrainConfig) -> str:
 
 
 def finish(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEncoderObjective, state: TrainState,
-           summary: dict, samples: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-    """Final checkpoint, model + card, timm export, sample grid, summary, and the Hub push if asked."""
+           summary: dict, samples: tuple[torch.Tensor, torch.Tensor] | None, resume_command: str | None = None) -> None:
+    """Final checkpoint, model + card, timm export, sample grid, summary, and the Hub push if asked.
+
+    A run stopped early (``summary["stopped"]``) writes the same files, says how to continue, and is not pushed.
+    """
     out, log, core = Path(cfg.output_dir), accelerator.print, objective.core
     ensure_finite_weights(cfg, objective, state)
-    save_checkpoint(accelerator, cfg, state.step)
+    save_checkpoint(accelerator, cfg, state)
     if not accelerator.is_main_process:
         return
     card = {"preset": cfg.preset, "data": cfg.data or "built-in demo photographs", "mask": cfg.mask,
@@ -201,7 +267,14 @@ def finish(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEncoder
             "mixed_precision": cfg.mixed_precision, "processes": accelerator.num_processes,
             "images_per_second": summary["images_per_second"], "final_loss": summary["final"].get("loss"),
             "seed": cfg.seed}
-    core.save_pretrained(out, model_card_kwargs=dict(training=card, repo_id=cfg.hub_model_id))
+    # the Hub mixin writes in place: stage its files beside the run and rename each one, so that a kill (or a
+    # second Ctrl-C) mid-save leaves the previous model.safetensors / config.json whole
+    staging = out / f".tmp-model-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    core.save_pretrained(staging, model_card_kwargs=dict(training=card, repo_id=cfg.hub_model_id))
+    for file in staging.iterdir():
+        os.replace(file, out / file.name)
+    staging.rmdir()
     save_timm_encoder(core, out / "timm-encoder")
     if samples is not None:
         save_sample_grid(core, *samples, out / "samples" / "final.png")
@@ -210,6 +283,11 @@ def finish(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEncoder
     if skipped:
         log(f"skipped {len(skipped)} unreadable image file(s): {', '.join(skipped[:10])}"
             + (" ..." if len(skipped) > 10 else ""))
+    if summary.get("stopped"):
+        log(f"stopped ({summary['stopped']}) after step {state.step} of {cfg.max_steps}: checkpoint in "
+            f"{latest_checkpoint(out)}, the model as it stands in {out}; continue with:\n  "
+            f"{resume_command or 'the same command'}" + ("" if resume_command else " plus --resume"))
+        return
     log(f"done: {state.step} steps, {summary['images_per_second']} images/s; model in {out} "
         f"(ContextEncoder.from_pretrained), timm encoder in {out / 'timm-encoder'}")
     if cfg.push_to_hub:
@@ -222,22 +300,37 @@ def finish(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEncoder
         log(f"pushed to https://huggingface.co/{repo}")
 
 
-def run(cfg: TrainConfig, items, image_column: str | None, description: str) -> dict:
+def run(cfg: TrainConfig, items, image_column: str | None, description: str,
+        resume_command: str | None = None) -> dict:
     """Run (or resume) a pretraining; returns the summary also written to ``train_summary.json``.
+
+    SIGINT / SIGTERM and ``cfg.max_time`` end the run after the current step with a checkpoint and the model as
+    it stands; ``summary["exit_code"]`` is then 128 + the signal's number, or 0 for the time budget.
 
     Args:
         cfg: a checked configuration (:func:`ce_pretrain.config.resolve_config`).
         items: what :func:`ce_pretrain.data.open_source` returned for ``cfg.data``.
         image_column: the image column of a Hugging Face dataset, else ``None``.
         description: the data source in words, for logs and the summary.
+        resume_command: the command line that continues this run, printed when it stops early.
     """
+    with StopRequest(cfg.max_time) as stop:
+        lock = claim_output_dir(cfg)
+        try:
+            return _run(cfg, items, image_column, description, resume_command, stop)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def _run(cfg: TrainConfig, items, image_column: str | None, description: str, resume_command: str | None,
+         stop: StopRequest) -> dict:
     accelerator = make_accelerator(cfg)
     accelerator.print(f"data: {description}")
     set_seed(cfg.seed)
     shapes = ShapeBank.from_folder(cfg.mask_shapes) if cfg.mask_shapes else None
     objective = ContextEncoderObjective.build(cfg, accelerator, shapes)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
+    state = TrainState()  # saved as JSON in run.json, not registered with accelerate (that would be a pickle)
     resume(accelerator, cfg, state)
     start_step = state.step
     loader = make_loader(cfg, items, image_column, accelerator, start_step)
@@ -246,16 +339,17 @@ def run(cfg: TrainConfig, items, image_column: str | None, description: str) -> 
     samples = sample_batch(cfg, items, image_column, objective, accelerator.device) \
         if accelerator.is_main_process else None
 
-    last, images_seen, elapsed = train_loop(cfg, accelerator, objective, loader, state, samples)
+    last, images_seen, elapsed, stopped = train_loop(cfg, accelerator, objective, loader, state, samples, stop)
 
     summary = {
         "steps": state.step, "resumed_from_step": start_step, "seconds": round(elapsed, 2),
         "images_per_second": round(images_seen / max(elapsed, 1e-9), 2), "final": last,
         "skipped_files": sorted(set().union(*gather_object([state.skipped]))), "data": description,
         "processes": accelerator.num_processes, "mixed_precision": cfg.mixed_precision,
-        "config": dataclasses.asdict(cfg),
+        "config": dataclasses.asdict(cfg), "exit_code": 0 if stopped <= 1 else stopped,
+        "stopped": None if not stopped else "--max-time" if stopped == 1 else signal.Signals(stopped - 128).name,
     }
-    finish(cfg, accelerator, objective, state, summary, samples)
+    finish(cfg, accelerator, objective, state, summary, samples, resume_command)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary

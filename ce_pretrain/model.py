@@ -91,7 +91,8 @@ class ContextEncoder(
 
     Args:
         backbone: any timm architecture name (``"alexnet"``, ``"resnet50"``, ``"convnext_atto"``...).
-        image_size: side of the square input.
+        image_size: side of the square input; ``None``: the backbone's own (timm's ``pretrained_cfg['input_size']``:
+            227 for AlexNet, 128 for the DCGAN encoder, 224 for most ImageNet models), 227 when timm names none.
         pred_size: side of the central predicted square; ``None`` predicts the whole image.
         overlap: context band (px) covered by the prediction around a central hole (§5.1: 7).
         bottleneck: ``"channel-fc"`` or ``"fc"``.
@@ -110,7 +111,7 @@ class ContextEncoder(
     def __init__(
         self,
         backbone: str = "alexnet",
-        image_size: int = 227,
+        image_size: int | None = None,
         pred_size: int | None = None,
         overlap: int = 0,
         bottleneck: str = "channel-fc",
@@ -125,6 +126,10 @@ class ContextEncoder(
     ):
         super().__init__()
         resolve_backbone_name(backbone)
+        if image_size is None:
+            from .config import default_image_size
+
+            image_size = default_image_size(backbone, 227)
         if bottleneck not in BOTTLENECKS:
             raise ValueError(f"bottleneck must be one of {BOTTLENECKS}, got {bottleneck!r}")
         if pred_size is not None and not 0 < pred_size <= image_size:
@@ -262,6 +267,42 @@ class ContextEncoder(
 
     # ------------------------------------------------------------------------------------------ Hub loading
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> ContextEncoder:
+        """Load a model from a ``save_pretrained`` folder or a Hugging Face Hub repository id (``owner/name``).
+
+        A reference that is no folder is tried on the Hub only if it is shaped like a repository id; every failure
+        is one line that says which of the two was meant.
+
+        Raises:
+            FileNotFoundError: no such folder (and no such Hub model), or a folder without ``config.json`` /
+                ``model.safetensors``.
+            IncompatibleCheckpointError: the weights do not fit the config, or the weights file is unreadable
+                (truncated, not safetensors); the file is named.
+        """
+        ref = str(pretrained_model_name_or_path)
+        path = Path(ref).expanduser()
+        if path.is_dir():
+            if not (path / constants.CONFIG_NAME).is_file():
+                raise FileNotFoundError(f"folder {ref!r} has no {constants.CONFIG_NAME}: it is not a model written "
+                                        "by save_pretrained (or ce_pretrain/train.py's --output-dir)")
+            if not (path / constants.SAFETENSORS_SINGLE_FILE).is_file():  # before building a model for nothing
+                raise FileNotFoundError(f"folder {ref!r} has no {constants.SAFETENSORS_SINGLE_FILE}; is it a "
+                                        "directory written by save_pretrained?")
+            return super().from_pretrained(str(path), **kwargs)
+        if path.exists():
+            raise FileNotFoundError(f"{ref!r} is a file; pass the folder written by save_pretrained")
+        if not _looks_like_repo_id(ref):
+            raise FileNotFoundError(f"no such folder: {ref!r}")
+        try:
+            return super().from_pretrained(ref, **kwargs)
+        except IncompatibleCheckpointError:
+            raise
+        except Exception as e:  # huggingface_hub raises many types (offline, not found, gated, HTTP)
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FileNotFoundError(f"no such folder: {ref!r}, and no Hugging Face Hub model of that name could be "
+                                    f"loaded ({reason})") from e
+
+    @classmethod
     def _from_pretrained(
         cls,
         *,
@@ -297,9 +338,15 @@ class ContextEncoder(
         Raises:
             IncompatibleCheckpointError: naming the tensors that do not fit this architecture.
         """
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path), device=map_location)
+        try:
+            state = load_file(str(path), device=map_location)
+        except (SafetensorError, OSError, ValueError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise IncompatibleCheckpointError(f"cannot read weights file {str(path)!r}: {reason} (truncated, or not "
+                                              "a safetensors file)") from e
         load_state_dict_strict(self, state, f"checkpoint {str(path)!r}", strict=strict)
 
     # ------------------------------------------------------------------------------------------- model card
@@ -314,3 +361,10 @@ class ContextEncoder(
 
         return ModelCard(render_model_card(self.config, training, evaluation, model_id=repo_id,
                                            num_parameters=sum(p.numel() for p in self.parameters())))
+
+
+def _looks_like_repo_id(ref: str) -> bool:
+    """``owner/name`` as the Hub spells repositories; paths (``./x``, ``/x``, ``~/x``, ``a/b/c``) are not."""
+    owner, _, name = ref.partition("/")
+    ok = all(part and part[0] not in ".-~" and all(c.isalnum() or c in "-_." for c in part) for part in (owner, name))
+    return ok and ref.count("/") == 1

@@ -52,9 +52,8 @@ def assert_one_line_error(code: int, err: str, *words: str) -> None:
 
 
 def test_help_lists_the_subcommands():
-    exe = shutil.which("ce-pretrain")
-    cmd = [exe] if exe else [sys.executable, "-c", "import sys; from ce_pretrain.cli import main; sys.exit(main())"]
-    done = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "ce_pretrain", "--help"], capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0
     for name in COMMANDS:
         assert name in done.stdout
@@ -198,7 +197,8 @@ def test_train_subcommand_is_the_training_script(capsys):
     assert main(["train", "--max-steps", "0"]) == 2
     via_cli = capsys.readouterr().err.strip()
     assert train_main(["--max-steps", "0"], prog="ce-pretrain train") == 2
-    assert via_cli == capsys.readouterr().err.strip() == "ce-pretrain train: error: --max-steps must be at least 1, got 0"
+    expected = "ce-pretrain train: error: --max-steps must be at least 1, got 0"
+    assert via_cli == capsys.readouterr().err.strip() == expected
 
 
 def test_python_dash_m_runs_the_command():
