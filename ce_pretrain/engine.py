@@ -19,14 +19,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate import PartialState
+from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from .atomic import write_text_atomic
-from .checkpoint import (RunLock, StopRequest, TrainState, check_resumable, checkpoint_dir, latest_checkpoint,
-                         load_checkpoint, prepare_output_dir, save_checkpoint)
+from .checkpoint import (
+    RunLock,
+    StopRequest,
+    TrainState,
+    check_resumable,
+    checkpoint_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    prepare_output_dir,
+    save_checkpoint,
+)
 from .config import ConfigError, TrainConfig
 from .data import EpochSampler, ImageDataset, StreamingImageDataset, collate
 from .export import save_timm_encoder
