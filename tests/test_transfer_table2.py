@@ -1,12 +1,15 @@
-"""benchmarks/table2.py, the feature study: data split, rows, the tables and figure, and resume of finished cells."""
+"""The feature study (``benchmarks/table2.py`` over ``transfer.study``): data split, rows, tables and figure, resume."""
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import write_images
+
+from transfer.study.budgets import BUDGETS, StudyError, prepare_data, row_batch_size
+from transfer.study.cells import cell_key
+from transfer.study.report import format_table, plot
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "table2.py"
 
@@ -15,10 +18,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "table2.py"
 def table2():
     spec = importlib.util.spec_from_file_location("table2", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["table2"] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("table2", None)
+    return module
 
 
 @pytest.fixture
@@ -28,15 +29,15 @@ def classes(tmp_path):
     return tmp_path / "src"
 
 
-def test_data_split_is_fixed_stratified_and_disjoint(table2, classes, tmp_path):
-    budget = table2.BUDGETS["smoke"]
-    manifest = table2.prepare_data(classes, tmp_path / "d", budget)
+def test_data_split_is_fixed_stratified_and_disjoint(classes, tmp_path):
+    budget = BUDGETS["smoke"]
+    manifest = prepare_data(classes, tmp_path / "d", budget)
     train = sorted(p.name for p in (tmp_path / "d" / "train").rglob("*.*"))
     val = {(p.parent.name, p.name) for p in (tmp_path / "d" / "val").rglob("*.*")}
     assert manifest["val_images"] == 3 * budget.val_per_class == len(val)
     assert manifest["train_images"] == 3 * min(budget.train_per_class, 7 - budget.val_per_class) == len(train)
     assert not val & {(p.parent.name, p.name) for p in (tmp_path / "d" / "train").rglob("*.*")}
-    again = table2.prepare_data(classes, tmp_path / "d2", budget)
+    again = prepare_data(classes, tmp_path / "d2", budget)
     assert again == manifest and {(p.parent.name, p.name) for p in (tmp_path / "d2" / "val").rglob("*.*")} == val
 
 
@@ -46,25 +47,25 @@ def test_rows_overrides_and_added_rows(table2):
     rows = table2.build_rows(args)
     assert rows == {"ce-center": ["--mask", "center", "--lr", "1e-4"], "ce-l1": ["--mask", "random-region", "--loss",
                                                                                 "l1"], "random-timm": None}
-    budget = table2.BUDGETS["small"]
-    assert table2.row_batch_size(rows["ce-l1"], budget) == budget.batch_size
-    assert table2.row_batch_size(["--mask", "center", "--batch-size", "256"], budget) == 256  # images seen follow it
-    with pytest.raises(table2.StudyError, match="not a pretrained row"):
+    budget = BUDGETS["small"]
+    assert row_batch_size(rows["ce-l1"], budget) == budget.batch_size
+    assert row_batch_size(["--mask", "center", "--batch-size", "256"], budget) == 256  # images seen follow it
+    with pytest.raises(StudyError, match="not a pretrained row"):
         table2.build_rows(table2.parse_args(["--pretrain-override", "random-timm=--lr 1"]))
 
 
-def test_table_reports_mean_and_std_over_seeds_and_the_figure_is_written(table2, tmp_path):
+def test_table_reports_mean_and_std_over_seeds_and_the_figure_is_written(tmp_path):
     cells = {}
     for seed, score in [(0, 50.0), (1, 54.0)]:
         for row, images in [("ce-region", 16), ("ce-region", 32), ("random-timm", 0)]:
-            key = table2.cell_key(row, seed, images, "knn")
+            key = cell_key(row, seed, images, "knn")
             cells[key] = {"row": row, "seed": seed, "images": images, "column": "knn",
                           "score": score + images / 8}
-    table = table2.format_table(cells, ["ce-region", "random-timm"], ["knn"], "header")
+    table = format_table(cells, ["ce-region", "random-timm"], ["knn"], "header")
     assert "| context encoder (random region) | 32 | 56.0 ± 2.8 |" in table  # 50+4, 54+4
     assert "| random init (timm) | 0 | 52.0 ± 2.8 |" in table
     assert "| context encoder (random region) | 16 | 54.0 ± 2.8 |" in table  # the by-images table
-    table2.plot(cells, ["ce-region", "random-timm"], ["knn"], tmp_path / "t.png", "title")
+    plot(cells, ["ce-region", "random-timm"], ["knn"], tmp_path / "t.png", "title")
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -103,7 +104,7 @@ def test_pretrained_row_resumes_its_pretraining_between_milestones(table2, class
     assert table2.main(["--budget", "smoke", "--data", str(classes), "--output-dir", str(out), "--rows", "ce-region",
                         "--columns", "knn", "--milestones", "1", "2", "--num-workers", "0", "--cpu"]) == 0
     cells = json.loads((out / "results.json").read_text())["cells"]
-    batch = table2.BUDGETS["smoke"].batch_size
+    batch = BUDGETS["smoke"].batch_size
     assert set(cells) == {f"ce-region/seed0/images{batch}/knn", f"ce-region/seed0/images{2 * batch}/knn"}
     log = (out / "pretrain" / "ce-region" / "seed0" / "pretrain.log").read_text()
     assert "resumed from" in log and "at step 1" in log

@@ -1,0 +1,218 @@
+"""The cells of the feature study: pretraining or initialising a row, one transfer run per cell, and resume.
+
+A cell is one (row, seed, pretraining images seen, column) score; ``run_study`` fills the missing ones and saves
+``results.json`` after each, so a rerun after a crash recomputes nothing that is finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ce_pretrain.atomic import write_text_atomic
+from transfer.study.budgets import IMAGEFOLDER, METRIC, Budget, StudyError, row_batch_size
+
+
+def _save_timm_folder(model: torch.nn.Module, backbone: str, image_size: int, dst: Path, note: str) -> None:
+    from safetensors.torch import save_file
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    config = {"architecture": backbone, "num_classes": 0, "ce_pretrain": {"objective": note},
+              "pretrained_cfg": {"input_size": [3, image_size, image_size], "mean": list(IMAGENET_DEFAULT_MEAN),
+                                 "std": list(IMAGENET_DEFAULT_STD), "num_classes": 0}}
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, dst)
+
+
+def initialisation(row: str, budget: Budget, seed: int, dst: Path) -> Path:
+    """A random-init row as a timm encoder folder: timm's initialisation, or the paper's Gaussian, under ``seed``."""
+    import timm
+
+    import ce_pretrain  # noqa: F401  (registers the paper's encoders in timm)
+    from transfer.common.rescale import gaussian_init_
+
+    if not (dst / "model.safetensors").is_file():
+        torch.manual_seed(seed)
+        model = timm.create_model(budget.backbone, pretrained=False, num_classes=0)
+        if row == "random-gaussian":
+            gaussian_init_(model, std=0.01, seed=seed)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        _save_timm_folder(model, budget.backbone, budget.image_size, dst, row)
+    return dst
+
+
+def pretrain(row: str, flags: list[str], budget: Budget, seed: int, steps: int, args: argparse.Namespace,
+             out: Path, data: Path) -> Path:
+    """The encoder of ``row`` after ``steps`` pretraining steps (``python -m ce_pretrain.train``, resumed)."""
+    run_dir = out / "pretrain" / row / f"seed{seed}"
+    snap = run_dir / f"encoder-step{steps}"
+    if (snap / "model.safetensors").is_file():
+        return snap
+    cmd = [sys.executable, "-m", "ce_pretrain.train", "--preset", "features", "--backbone", budget.backbone,
+           "--image-size", str(budget.image_size), "--batch-size", str(budget.batch_size), "--max-steps", str(steps),
+           "--data", str(data), "--seed", str(seed), "--output-dir", str(run_dir), "--num-workers",
+           str(args.num_workers), "--checkpoint-every", str(max(100, steps // 4)), "--keep-checkpoints", "1",
+           "--sample-every", str(10**9), "--log-every", str(max(1, min(50, steps))), *flags]
+    if args.cpu:
+        cmd.append("--cpu")
+    elif torch.cuda.is_available():
+        cmd += ["--mixed-precision", args.mixed_precision or budget.mixed_precision]
+    if (run_dir / "checkpoints").is_dir():
+        cmd.append("--resume")
+    log = run_dir / "pretrain.log"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
+    if done.returncode:
+        raise StudyError(f"pretraining {row} (seed {seed}) to step {steps} failed (exit {done.returncode}); "
+                         f"see {log}")
+    tmp = snap.with_name(f".{snap.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(run_dir / "timm-encoder", tmp)
+    os.replace(tmp, snap)
+    return snap
+
+
+def _voc_cell(column: str, source: str, budget: Budget, args: argparse.Namespace, seed: int, cell_dir: Path) -> dict:
+    """One VOC run with the entry point's config dataclass (fields it lacks are left out)."""
+    if column == "voc-cls":
+        from transfer.classification.train import ClassificationConfig as Config
+        from transfer.classification.train import run
+        kw = {"holdout": 0.2, "image_size": budget.voc_size, "max_steps": budget.voc_steps[0], "batch_size": 32}
+        key = "mAP"
+    elif column == "voc-det":
+        from transfer.torchvision_det.train import DetectionConfig as Config
+        from transfer.torchvision_det.train import run
+        kw = {"holdout": 0.2, "min_size": budget.voc_size, "max_size": int(budget.voc_size * 5 / 3),
+              "max_steps": budget.voc_steps[1], "batch_size": 2, "test_proposals": 300}
+        key = "mAP"
+    else:
+        from transfer.torchvision_seg.train import SegmentationConfig as Config
+        from transfer.torchvision_seg.train import run
+        kw = {"train_split": "aug", "test_split": "train", "crop_size": budget.voc_size,
+              "max_steps": budget.voc_steps[2], "batch_size": 8}
+        key = "mIoU"
+    kw.update(model=source, data_root=str(args.voc_root), year=2012, seed=seed, workers=args.num_workers,
+              num_workers=args.num_workers, output_dir=str(cell_dir), overwrite=True, cpu=args.cpu,
+              mixed_precision=None if args.cpu else (args.mixed_precision or budget.mixed_precision))
+    names = {f.name for f in dataclasses.fields(Config)}
+    result = run(Config(**{k: v for k, v in kw.items() if k in names}))
+    return {"score": result[key], "steps": result.get("steps")}
+
+
+def _imagefolder_cell(column: str, source: str, row: str, budget: Budget, args: argparse.Namespace, seed: int,
+                      data: Path, cell_dir: Path) -> dict:
+    """One ImageFolder run (fine-tune, linear probe or kNN); the Gaussian row is always rescaled first."""
+    from transfer.imagefolder.train import ImageFolderConfig, run
+
+    rescale = args.rescale or row == "random-gaussian"
+    kw = {"model": source, "train": str(data / "train"), "val": str(data / "val"), "mode": column,
+          "output_dir": str(cell_dir), "image_size": budget.transfer_size, "batch_size": budget.finetune_batch,
+          "num_workers": args.num_workers, "seed": seed, "cpu": args.cpu,
+          "mixed_precision": "no" if args.cpu else (args.mixed_precision or budget.mixed_precision),
+          "rescale": rescale, "rescale_beta": 0.0 if row == "random-gaussian" else None,
+          "max_steps": budget.finetune_steps, "overwrite": True}
+    names = {f.name for f in dataclasses.fields(ImageFolderConfig)}
+    result = run(ImageFolderConfig(**{k: v for k, v in kw.items() if k in names}))
+    return {"score": result["top1"], "top5": result["top5"], "stage": result.get("stage"),
+            "steps": result.get("steps")}
+
+
+def environment(args: argparse.Namespace) -> dict:
+    """Device and library versions, written into ``results.json`` and the table header."""
+    import accelerate
+    import timm
+    import torchvision
+
+    gpu = torch.cuda.is_available() and not args.cpu
+    return {"device": torch.cuda.get_device_name(0) if gpu else f"{platform.machine()} CPU ×{_cpus()}",
+            "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+            "accelerate": accelerate.__version__, "python": platform.python_version()}
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cell_key(row: str, seed: int, images: int, column: str) -> str:
+    """The ``results.json`` key of one cell."""
+    return f"{row}/seed{seed}/images{images}/{column}"
+
+
+@dataclass
+class Study:
+    """Rows, columns and the results so far (``results.json``)."""
+
+    out: Path
+    budget_name: str
+    budget: Budget
+    rows: dict[str, list[str] | None]
+    columns: tuple[str, ...]
+    seeds: list[int]
+    cells: dict[str, dict] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def save(self) -> None:
+        payload = {"budget": self.budget_name, "budget_sizes": dataclasses.asdict(self.budget), **self.meta,
+                   "rows": self.rows, "columns": list(self.columns), "seeds": self.seeds, "cells": self.cells}
+        write_text_atomic(self.out / "results.json", json.dumps(payload, indent=2) + "\n")
+
+
+def load_cells(out: Path) -> dict[str, dict]:
+    """The finished cells of an earlier run in ``out`` (none if there is no readable ``results.json``)."""
+    path = out / "results.json"
+    if not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text()).get("cells", {}))
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+
+
+def run_study(study: Study, args: argparse.Namespace, data: Path, log=print) -> None:
+    """Fill every missing cell, saving ``results.json`` after each."""
+    budget = study.budget
+    last = budget.milestones[-1]
+    for seed in study.seeds:
+        for row, flags in study.rows.items():
+            points = [0] if flags is None else list(budget.milestones)
+            for steps in points:
+                images = steps * row_batch_size(flags, budget)
+                todo = [c for c in study.columns if cell_key(row, seed, images, c) not in study.cells
+                        and (c in ("linear", "knn") or steps in (0, last))]  # fine-tune and VOC: final weights
+                if not todo:
+                    continue
+                if flags is None:
+                    source = initialisation(row, budget, seed, study.out / "pretrain" / row / f"seed{seed}" / "init")
+                else:
+                    started = time.time()
+                    source = pretrain(row, flags, budget, seed, steps, args, study.out, data / "train")
+                    log(f"pretrained {row} seed {seed} to {images} images ({time.time() - started:.0f} s)")
+                for column in todo:
+                    key = cell_key(row, seed, images, column)
+                    cell_dir = study.out / "cells" / key.replace("/", "_")
+                    started = time.time()
+                    if column in IMAGEFOLDER:
+                        cell = _imagefolder_cell(column, str(source), row, budget, args, seed, data, cell_dir)
+                    else:
+                        cell = _voc_cell(column, str(source), budget, args, seed, cell_dir)
+                    cell.update(row=row, seed=seed, images=images, column=column,
+                                seconds=round(time.time() - started, 1))
+                    study.cells[key] = cell
+                    study.save()
+                    log(f"{key}: {METRIC[column]} {cell['score']:.1f}")
