@@ -72,8 +72,9 @@ def pretrain(row: str, flags: list[str], budget: Budget, seed: int, steps: int, 
         cmd.append("--cpu")
     elif torch.cuda.is_available():
         cmd += ["--mixed-precision", args.mixed_precision or budget.mixed_precision]
-    if (run_dir / "checkpoints").is_dir():
-        cmd.append("--resume")
+    # the folder already holds pretrain.log (and earlier snapshots), which train.py refuses without one of these;
+    # --overwrite deletes only a run's own outputs, so the log and the encoder-step* snapshots stay
+    cmd.append("--resume" if (run_dir / "checkpoints").is_dir() else "--overwrite")
     log = run_dir / "pretrain.log"
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
