@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ce_pretrain.atomic import write_atomic, write_text_atomic
 from transfer.common.checkpoint import CheckpointError, EncoderCheckpoint, load_encoder
 
 from .keys import detectron2_state_dict
@@ -42,8 +43,8 @@ def convert(source: str | EncoderCheckpoint, output: str | Path, fpn: bool | Non
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     weights, config = out.with_suffix(".pth"), out.with_suffix(".yaml")
-    torch.save({"model": detectron2_state_dict(ckpt, fpn), "__author__": "ce_pretrain",
-                "matching_heuristics": False}, weights)
+    state = {"model": detectron2_state_dict(ckpt, fpn), "__author__": "ce_pretrain", "matching_heuristics": False}
+    write_atomic(weights, lambda tmp: torch.save(state, tmp))
     values = {**input_config(ckpt), "MODEL.WEIGHTS": str(weights.resolve()),
               "MODEL.BACKBONE.NAME": "build_timm_fpn_backbone" if fpn else "build_timm_backbone"}
     lines, nested = [], {}
@@ -59,7 +60,7 @@ def convert(source: str | EncoderCheckpoint, output: str | Path, fpn: bool | Non
         for leaf, value in leaves.items():
             text = f'"{value}"' if isinstance(value, str) else str(value)
             lines.append("  " * len(parts) + f"{leaf}: {text}")
-    config.write_text("\n".join(lines) + "\n")
+    write_text_atomic(config, "\n".join(lines) + "\n")
     return weights, config
 
 
@@ -72,8 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         weights, config = convert(args.model, args.output, args.fpn)
-    except CheckpointError as err:
-        sys.exit(f"error: {err}")
+    except (CheckpointError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {weights} and {config} (merge the latter into your config)")
 
 

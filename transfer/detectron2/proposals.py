@@ -11,11 +11,14 @@ The files distributed with Fast R-CNN (``selective_search_data/voc_2007_{trainva
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from ce_pretrain.atomic import write_atomic
 
 __all__ = ["convert_selective_search"]
 
@@ -36,6 +39,11 @@ def convert_selective_search(mat_file: str | Path, output: str | Path, top_k: in
 
     if not Path(mat_file).is_file():
         raise FileNotFoundError(f"proposal file {str(mat_file)!r} does not exist")
+    out_dir = Path(output).parent
+    if not out_dir.is_dir():  # checked before the (slow) read, and not to be confused with a missing input
+        raise FileNotFoundError(f"output folder {str(out_dir)!r} of {str(output)!r} does not exist")
+    if not os.access(out_dir, os.W_OK):
+        raise PermissionError(f"output folder {str(out_dir)!r} of {str(output)!r} is not writable")
     data = loadmat(str(mat_file))
     if "boxes" not in data or "images" not in data:
         raise ValueError(f"{str(mat_file)!r} is not a selective-search file (needs 'boxes' and 'images')")
@@ -49,8 +57,8 @@ def convert_selective_search(mat_file: str | Path, output: str | Path, top_k: in
         # y1 x1 y2 x2 (1-based inclusive) → x0 y0 x1 y1 (continuous, as detectron2 reads VOC boxes)
         boxes.append(np.stack([b[:, 1] - 1, b[:, 0] - 1, b[:, 3], b[:, 2]], axis=1))
         logits.append(-np.arange(len(b), dtype=np.float32))
-    with open(output, "wb") as f:
-        pickle.dump({"ids": ids, "boxes": boxes, "objectness_logits": logits, "bbox_mode": 0}, f)
+    data = {"ids": ids, "boxes": boxes, "objectness_logits": logits, "bbox_mode": 0}
+    write_atomic(output, lambda tmp: tmp.write_bytes(pickle.dumps(data)))
     return len(ids)
 
 
@@ -62,8 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         n = convert_selective_search(args.mat_file, args.output, args.top_k)
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote proposals of {n} images to {args.output}")
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ce_pretrain.atomic import write_atomic
 from transfer.common.checkpoint import CheckpointError, EncoderCheckpoint, load_encoder
 from transfer.common.features import TimmFeatures
 
@@ -37,8 +38,8 @@ def convert(source: str | EncoderCheckpoint, output: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"backbone": ckpt.backbone, "image_size": ckpt.image_size, "mean": [m * 255 for m in ckpt.mean],
             "std": [s * 255 for s in ckpt.std], "source": ckpt.source, "bgr_to_rgb": True}
-    torch.save({"state_dict": mmseg_state_dict(ckpt), "meta": meta}, out)
-    return out
+    data = {"state_dict": mmseg_state_dict(ckpt), "meta": meta}
+    return write_atomic(out, lambda tmp: torch.save(data, tmp))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,8 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         print(f"wrote {convert(args.model, args.output)}")
-    except CheckpointError as err:
-        sys.exit(f"error: {err}")
+    except (CheckpointError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
