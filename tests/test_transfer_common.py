@@ -15,11 +15,22 @@ from transfer.common import (
     VOCDetection,
     VOCLayoutError,
     VOCSegmentation,
+    choose_taps,
     default_taps,
     load_encoder,
     resolve_voc_dir,
 )
+from transfer.common.cli import (
+    RunInterrupted,
+    UsageError,
+    add_common_args,
+    check_output_dir,
+    check_positive,
+    parse_duration,
+    run_main,
+)
 from transfer.common.confusion import ConfusionMatrix
+from transfer.common.features import pyramid_taps, single_scale_tap
 from transfer.common.synthetic_voc import make_synthetic_voc
 from transfer.common.voc import holdout_split, parse_annotation, read_split
 from transfer.common.voc_ap import classification_ap, detection_ap, voc_ap
@@ -195,7 +206,7 @@ def test_load_encoder_errors(ce_dir, tmp_path):
 def test_create_model_is_strict(ce_dir):
     ckpt = load_encoder(ce_dir)
     ckpt.state_dict = {**ckpt.state_dict, "extra.weight": torch.zeros(1)}
-    with pytest.raises(CheckpointError, match="unexpected extra.weight"):
+    with pytest.raises(CheckpointError, match=r"unexpected \(extra.weight\)"):
         ckpt.create_model()
 
 
@@ -218,3 +229,84 @@ def test_resnet_multi_scale_taps():
     feats = TimmFeatures(model, default_taps(model, multi_scale=True))
     assert feats.strides == [4, 8, 16, 32] and feats.out_channels == [64, 128, 256, 512]
     assert [m.shape[-1] for m in feats(torch.zeros(1, 3, 64, 64))] == [16, 8, 4, 2]
+
+
+@pytest.mark.parametrize("backbone,taps,fpn", [
+    ("alexnet", [4], False),                # relu5; pool5 past it has no weights: the paper's single scale
+    ("vgg11", [4], False),                  # conv5 relu; pool5 has no weights
+    ("resnet18", [1, 2, 3, 4], True),       # C4 (layer3) would drop layer4's weights: FPN over C2..C5
+    ("alexnet_poolfree", [0, 1, 4, 5], True),  # its pool5 is a learned convolution
+])
+def test_choose_taps_follows_one_rule(backbone, taps, fpn):
+    import timm
+
+    model = timm.create_model(backbone, pretrained=False, num_classes=0)
+    first = next(model.parameters())
+    assert choose_taps(model) == (taps, fpn)
+    assert choose_taps(model, fpn=False)[0] == [single_scale_tap(model.feature_info)]
+    assert next(model.parameters()) is first and first.device.type == "cpu"  # the rule left the model untouched
+
+
+def test_single_scale_tap_is_the_deepest_at_stride_16():
+    info = [{"reduction": r} for r in (2, 4, 8, 16, 16, 32)]
+    assert single_scale_tap(info) == 4
+    assert single_scale_tap([{"reduction": 32}, {"reduction": 64}]) == 0
+    assert pyramid_taps([{"reduction": r} for r in (2, 4, 8, 8, 16, 32, 64)]) == [3, 4, 5, 6]
+
+
+# ------------------------------------------------------------------------------------------------ cli
+@pytest.mark.parametrize("text,seconds", [("90", 90), ("45s", 45), ("20m", 1200), ("1h30m", 5400), ("1.5h", 5400),
+                                          ("1h2m3s", 3723)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "abc", "5d", "0", "m", "-3"])
+def test_parse_duration_refuses(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def _parser():
+    import argparse
+
+    return add_common_args(argparse.ArgumentParser(prog="tool"), output_dir="runs/x")
+
+
+def test_common_flags_defaults_and_exit_codes(tmp_path, capsys):
+    args = _parser().parse_args(["--model", "m", "--max-time", "1h30m", "--log-with", "csv,tensorboard",
+                                 "--resume"])
+    assert (args.max_time, args.log_with, args.resume, args.mixed_precision) == (5400, ["csv", "tensorboard"],
+                                                                                  "latest", None)
+    assert args.output_dir == "runs/x" and args.num_workers == 2 and args.seed == 0 and not args.overwrite
+
+    def bad(args):
+        raise UsageError("--thing is wrong\nsecond line never shown")
+
+    assert run_main(_parser(), bad, ["--model", "m"]) == 2
+    assert capsys.readouterr().err == "tool: error: --thing is wrong\n"
+
+    def stopped(args):
+        raise RunInterrupted("stopped; resume with --resume", 143)
+
+    assert run_main(_parser(), stopped, ["--model", "m"]) == 143
+    assert run_main(_parser(), lambda a: None, ["--model", "m"]) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(_parser(), lambda a: None, ["--model", "m", "--mixed-precision", "fp8"])
+    assert exit_info.value.code == 2
+
+
+def test_check_output_dir(tmp_path):
+    out = check_output_dir(tmp_path / "a" / "b")
+    assert out.is_dir() and not list(out.iterdir())
+    (out / "results.json").write_text("{}")
+    with pytest.raises(UsageError, match="holds an earlier run"):
+        check_output_dir(out)
+    assert check_output_dir(out, resume=True) == out and check_output_dir(out, overwrite=True) == out
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError, match="not a folder"):
+        check_output_dir(tmp_path / "file")
+    with pytest.raises(UsageError, match="not writable"):  # under a file: refused even for root
+        check_output_dir(tmp_path / "file" / "sub")
+    with pytest.raises(UsageError, match="--max-steps must be at least 1, got 0"):
+        check_positive(batch_size=2, max_steps=0)

@@ -5,25 +5,29 @@ other timm backbones), trained on random crops and flips; tested with 10 random 
 and mAP by the VOC2007 devkit's 11-point rule. Linear probe (``--linear-probe``): the frozen encoder's feature
 map, average-pooled to ``--probe-grid``², flattened, with a logistic-regression layer on top.
 
-    python -m transfer.classification.train --model DIR_OR_HUB_ID --data-root VOCdevkit --year 2007
+    python -m transfer.classification.train --model DIR_OR_HUB_ID --data-root VOCdevkit --year 2007 \\
+        --output-dir runs/voc07-cls [--mixed-precision bf16] [--max-time 2h]
+
+Several GPUs: ``accelerate launch -m transfer.classification.train ...`` (``--batch-size`` is per process).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from accelerate.utils import set_seed
 from torch import nn
 from torchvision.transforms import v2 as T
 
 from transfer.common import VOC_CLASSES, VOCClassification, load_encoder
 from transfer.common.checkpoint import EncoderCheckpoint
+from transfer.common.cli import add_common_args, check_output_dir, check_positive, run_main
+from transfer.common.engine import EngineConfig, Task, fit
 from transfer.common.features import TimmFeatures
 from transfer.common.voc import holdout_split, read_split, resolve_voc_dir
 from transfer.common.voc_ap import classification_ap
@@ -37,6 +41,7 @@ class ClassificationConfig:
 
     model: str
     data_root: str
+    output_dir: str = "runs/voc-classification"
     year: int = 2007
     train_split: str = "trainval"
     test_split: str = "test"
@@ -50,9 +55,14 @@ class ClassificationConfig:
     lr: float = 3e-4
     weight_decay: float = 1e-4
     test_crops: int = 10
-    workers: int = 2
+    num_workers: int = 2
     seed: int = 0
-    output: str | None = None
+    mixed_precision: str | None = None
+    resume: str | None = None
+    overwrite: bool = False
+    max_time: float | None = None
+    log_with: list[str] = field(default_factory=lambda: ["csv"])
+    checkpoint_every: int = 1000
 
 
 def _splits(cfg: ClassificationConfig) -> tuple[list[str], list[str]]:
@@ -110,66 +120,64 @@ def build_model(ckpt: EncoderCheckpoint, cfg: ClassificationConfig) -> nn.Module
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: VOCClassification, crops: int, batch_size: int, workers: int,
-             seed: int) -> dict:
+def evaluate(model: nn.Module, dataset: VOCClassification, crops: int, batch_size: int, num_workers: int,
+             seed: int, device: torch.device | str = "cpu") -> dict:
     """Average the sigmoid scores of ``crops`` random crops per image; per-class AP and mAP (VOC2007)."""
     model.eval()
     torch.manual_seed(seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     total = None
     for _ in range(crops):
         scores, targets = [], []
         for images, target in loader:
-            scores.append(model(images).sigmoid())
+            scores.append(model(images.to(device, non_blocking=True)).float().sigmoid())
             targets.append(target)
         crop_scores = torch.cat(scores)
         total = crop_scores if total is None else total + crop_scores
-    aps = classification_ap((total / crops).numpy(), torch.cat(targets).numpy())
+    aps = classification_ap((total / crops).cpu().numpy(), torch.cat(targets).numpy())
     return {"mAP": float(np.nanmean(aps)) * 100,
             "per_class_AP": {c: (None if math.isnan(a) else a * 100) for c, a in zip(VOC_CLASSES, aps)}}
 
 
 def run(cfg: ClassificationConfig) -> dict:
-    """Train and evaluate; returns ``{"mAP", "per_class_AP", "steps", ...}`` (APs in percent)."""
-    torch.manual_seed(cfg.seed)
+    """Train and evaluate; returns ``{"mAP", "per_class_AP", "steps", ...}`` (APs in percent), also written to
+    ``<output_dir>/results.json``."""
+    check_positive(max_steps=cfg.max_steps, epochs=cfg.epochs, batch_size=cfg.batch_size, test_crops=cfg.test_crops,
+                   probe_grid=cfg.probe_grid)
+    check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
+    set_seed(cfg.seed)
     ckpt = load_encoder(cfg.model, cfg.image_size)
     size = cfg.image_size or ckpt.image_size
     train_ids, test_ids = _splits(cfg)
     train_tf, test_tf = _transforms(ckpt, size)
     train_set = VOCClassification(cfg.data_root, cfg.year, ids=train_ids, transform=train_tf)
     test_set = VOCClassification(cfg.data_root, cfg.year, ids=test_ids, transform=test_tf)
+    train_set.check_files()
+    test_set.check_files()
     model = build_model(ckpt, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=False,
-                                         num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
-    total = cfg.max_steps or cfg.epochs * len(loader)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=total, pct_start=0.1)
-    step, losses = 0, []
-    model.train()
-    while step < total:
-        for images, targets in loader:
-            loss = masked_bce(model(images), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            step += 1
-            if step >= total:
-                break
-    result = evaluate(model, test_set, cfg.test_crops, cfg.batch_size, cfg.workers, cfg.seed)
-    result.update(task="classification", mode="linear-probe" if cfg.linear_probe else "fine-tune",
-                  model=cfg.model, backbone=ckpt.backbone, steps=step, final_loss=float(np.mean(losses[-10:])),
-                  train_images=len(train_set), test_images=len(test_set))
-    if cfg.output:
-        Path(cfg.output).write_text(json.dumps({"config": asdict(cfg), **result}, indent=2) + "\n")
-    return result
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+
+    def loss(model: nn.Module, batch) -> torch.Tensor:
+        images, targets = batch
+        return masked_bce(model(images), targets)
+
+    def scores(model: nn.Module, device: torch.device) -> dict:
+        return evaluate(model, test_set, cfg.test_crops, cfg.batch_size, cfg.num_workers, cfg.seed, device)
+
+    mode = "linear-probe" if cfg.linear_probe else "fine-tune"
+    task = Task(name="classification", model=model, optimizer=optimizer, train_set=train_set,
+                batch_size=cfg.batch_size, loss=loss, evaluate=scores, epochs=cfg.epochs, max_steps=cfg.max_steps,
+                scheduler=lambda opt, total: torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=total,
+                                                                                  pct_start=0.1),
+                config=asdict(cfg), info={"mode": mode, "model": cfg.model, "backbone": ckpt.backbone,
+                                          "train_images": len(train_set), "test_images": len(test_set)})
+    return fit(task, EngineConfig.from_flags(cfg))
 
 
-def parse_args(argv: list[str] | None = None) -> ClassificationConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="ContextEncoder dir, timm encoder dir, Hub id or random:<timm>")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m transfer.classification.train", description=__doc__.split("\n\n")[0])
+    add_common_args(p, output_dir=ClassificationConfig.output_dir)
     p.add_argument("--data-root", required=True, help="VOCdevkit folder (or VOC<year> itself)")
     p.add_argument("--year", type=int, default=2007)
     p.add_argument("--train-split", default="trainval")
@@ -181,28 +189,28 @@ def parse_args(argv: list[str] | None = None) -> ClassificationConfig:
     p.add_argument("--probe-grid", type=int, default=2, help="linear probe: average-pool the map to grid²")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per process per step")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--test-crops", type=int, default=10)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", help="write the results as JSON here")
-    return ClassificationConfig(**vars(p.parse_args(argv)))
+    p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between resumable checkpoints")
+    return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    from transfer.common import CheckpointError, VOCLayoutError
+def main(argv: list[str] | None = None) -> int:
+    """Run the entry point; returns the exit status (2 for bad input, 130 / 143 when interrupted)."""
+    parser = build_parser()
 
-    cfg = parse_args(argv)
-    try:
+    def report(args: argparse.Namespace) -> None:
+        cfg = ClassificationConfig(**vars(args))
         result = run(cfg)
-    except (CheckpointError, VOCLayoutError) as err:
-        sys.exit(f"error: {err}")
-    print(f"{result['mode']} {result['backbone']}: VOC{cfg.year} classification mAP {result['mAP']:.1f} "
-          f"({result['steps']} steps, {result['test_images']} test images)")
-    print("  " + "  ".join(f"{c} {a:.1f}" for c, a in result["per_class_AP"].items() if a is not None))
+        if result["complete"]:
+            print(f"{result['mode']} {result['backbone']}: VOC{cfg.year} classification mAP {result['mAP']:.1f} "
+                  f"({result['steps']} steps, {result['test_images']} test images); {cfg.output_dir}/results.json")
+            print("  " + "  ".join(f"{c} {a:.1f}" for c, a in result["per_class_AP"].items() if a is not None))
+
+    return run_main(parser, report, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,19 +1,26 @@
-"""Shared by every transfer target: checkpoints, backbones, VOC data and VOC metrics."""
+"""Shared by every transfer target: checkpoints, backbone taps, the flag vocabulary, VOC data and VOC metrics."""
 
 from .checkpoint import CheckpointError, EncoderCheckpoint, load_encoder
-from .features import TimmFeatures, default_taps
+from .cli import RunInterrupted, UsageError, add_common_args, check_output_dir, run_main
+from .features import TimmFeatures, choose_taps, default_taps
 from .voc import VOC_CLASSES, VOCClassification, VOCDetection, VOCLayoutError, VOCSegmentation, resolve_voc_dir
 
 __all__ = [
     "VOC_CLASSES",
     "CheckpointError",
     "EncoderCheckpoint",
+    "RunInterrupted",
     "TimmFeatures",
+    "UsageError",
     "VOCClassification",
     "VOCDetection",
     "VOCLayoutError",
     "VOCSegmentation",
+    "add_common_args",
+    "check_output_dir",
+    "choose_taps",
     "default_taps",
     "load_encoder",
     "resolve_voc_dir",
+    "run_main",
 ]

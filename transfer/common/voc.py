@@ -135,6 +135,24 @@ class _VOCBase(torch.utils.data.Dataset):
     def annotation(self, image_id: str) -> Annotation:
         return parse_annotation(self.voc_dir / "Annotations" / f"{image_id}.xml")
 
+    def _missing(self, image_id: str) -> str | None:
+        """What this task cannot find for ``image_id`` (a path), or None."""
+        for path in (self.voc_dir / "JPEGImages" / f"{image_id}.jpg", self.voc_dir / "Annotations" / f"{image_id}.xml"):
+            if not path.is_file():
+                return str(path.relative_to(self.voc_dir))
+        return None
+
+    def check_files(self) -> None:
+        """Find every missing file up front (not in a data-loading worker mid-run).
+
+        Raises:
+            VOCLayoutError: one line with how many ids lack a file and the first few paths.
+        """
+        missing = [m for m in map(self._missing, self.ids) if m is not None]
+        if missing:
+            raise VOCLayoutError(f"{len(missing)} of {len(self.ids)} ids lack a file under {str(self.voc_dir)!r}: "
+                                 f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+
 
 class VOCDetection(_VOCBase):
     """Items ``(image [3, H, W] in [0, 1], target)`` with target ``boxes [N, 4]`` (continuous xyxy),
@@ -201,6 +219,15 @@ class VOCSegmentation(_VOCBase):
                 return path
         raise VOCLayoutError(f"no mask for {image_id!r} in {str(self.voc_dir)!r}/SegmentationClass or "
                              "SegmentationClassAug")
+
+    def _missing(self, image_id: str) -> str | None:
+        image = self.voc_dir / "JPEGImages" / f"{image_id}.jpg"
+        if not image.is_file():
+            return str(image.relative_to(self.voc_dir))
+        if not any((self.voc_dir / f / f"{image_id}.png").is_file() for f in ("SegmentationClass",
+                                                                            "SegmentationClassAug")):
+            return f"SegmentationClass[Aug]/{image_id}.png"
+        return None
 
     def load_mask(self, image_id: str) -> Image.Image:
         mask = Image.open(self.mask_path(image_id))

@@ -9,7 +9,7 @@ from torch import nn
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from transfer.common.checkpoint import EncoderCheckpoint
-from transfer.common.features import TimmFeatures, default_taps
+from transfer.common.features import TimmFeatures, choose_taps
 
 __all__ = ["TimmDetectionBackbone", "build_backbone"]
 
@@ -17,7 +17,7 @@ __all__ = ["TimmDetectionBackbone", "build_backbone"]
 class TimmDetectionBackbone(nn.Module):
     """Normalised images ``[B, 3, H, W]`` → ``OrderedDict`` of maps, with ``out_channels`` as torchvision wants.
 
-    Single-scale: ``{"0": [B, C, H/s, W/s]}`` (AlexNet: relu5, conv5 at stride 16, as in Fast R-CNN).
+    Single-scale: ``{"0": [B, C, H/s, W/s]}`` at the deepest stride-≤16 tap (AlexNet: relu5, as in Fast R-CNN).
     Multi-scale: an FPN over the taps, ``{"0".."n-1", "pool"}`` all with ``fpn_channels`` channels.
     """
 
@@ -43,10 +43,11 @@ def build_backbone(ckpt: EncoderCheckpoint, fpn: bool | None = None, fpn_channel
 
     Args:
         ckpt: the pretrained encoder.
-        fpn: multi-scale with an FPN; default: single-scale for the paper's AlexNet, FPN for other backbones.
+        fpn: multi-scale with an FPN; default: :func:`~transfer.common.features.default_fpn` (single scale for
+            the paper's AlexNet, an FPN where the single-scale tap would drop learned layers, e.g. a ResNet).
         fpn_channels: FPN width.
     """
     model = ckpt.create_model()
-    use_fpn = (ckpt.backbone.split(".")[0] not in ("alexnet", "alexnet_poolfree")) if fpn is None else fpn
-    features = TimmFeatures(model, default_taps(model, multi_scale=use_fpn))
+    taps, use_fpn = choose_taps(model, fpn)
+    features = TimmFeatures(model, taps)
     return TimmDetectionBackbone(features, fpn_channels if use_fpn else None)

@@ -1,22 +1,26 @@
 """Train and evaluate Faster R-CNN (torchvision) with a pretrained encoder on PASCAL VOC; mAP@0.5 by the
 VOC2007 devkit rule (11-point AP, difficult objects ignored).
 
-    python -m transfer.torchvision_det.train --model DIR_OR_HUB_ID --data-root VOCdevkit --year 2007
+    python -m transfer.torchvision_det.train --model DIR_OR_HUB_ID --data-root VOCdevkit --year 2007 \\
+        --output-dir runs/voc07-det [--mixed-precision bf16] [--max-time 2h]
+
+Several GPUs: ``accelerate launch -m transfer.torchvision_det.train ...`` (``--batch-size`` is per process).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from accelerate.utils import set_seed
 
 from transfer.common import VOC_CLASSES, VOCDetection, load_encoder
+from transfer.common.cli import add_common_args, check_output_dir, check_positive, run_main
+from transfer.common.engine import EngineConfig, Task, fit
 from transfer.common.voc import holdout_split, read_split, resolve_voc_dir
 from transfer.common.voc_ap import detection_ap
 
@@ -44,9 +48,15 @@ class DetectionConfig:
     batch_size: int = 2
     lr: float = 0.01
     weight_decay: float = 1e-4
-    workers: int = 2
+    output_dir: str = "runs/voc-detection"
+    num_workers: int = 2
     seed: int = 0
-    output: str | None = None
+    mixed_precision: str | None = None
+    resume: str | None = None
+    overwrite: bool = False
+    max_time: float | None = None
+    log_with: list[str] = field(default_factory=lambda: ["csv"])
+    checkpoint_every: int = 1000
 
 
 def _flip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
@@ -65,14 +75,16 @@ def _collate(batch):
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: VOCDetection, workers: int = 0) -> dict:
+def evaluate(model: torch.nn.Module, dataset: VOCDetection, num_workers: int = 0,
+             device: torch.device | str = "cpu") -> dict:
     """Run ``model`` over ``dataset`` (which must keep difficult objects) and compute VOC2007 AP per class."""
     model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=_collate)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=num_workers, collate_fn=_collate)
     detections = {c: [] for c in range(len(VOC_CLASSES))}
     ground_truth = {c: {} for c in range(len(VOC_CLASSES))}
     for images, targets in loader:
-        (out,), (target,) = model(list(images)), targets
+        (out,), (target,) = model([image.to(device) for image in images]), targets
+        out = {k: v.float().cpu() for k, v in out.items()}
         image_id = target["image_id"]
         for c in range(len(VOC_CLASSES)):
             sel = target["labels"] == c + 1
@@ -85,8 +97,12 @@ def evaluate(model: torch.nn.Module, dataset: VOCDetection, workers: int = 0) ->
 
 
 def run(cfg: DetectionConfig) -> dict:
-    """Train and evaluate; returns ``{"mAP", "per_class_AP", "steps", ...}`` (APs in percent)."""
-    torch.manual_seed(cfg.seed)
+    """Train and evaluate; returns ``{"mAP", "per_class_AP", "steps", ...}`` (APs in percent), also written to
+    ``<output_dir>/results.json``."""
+    check_positive(max_steps=cfg.max_steps, epochs=cfg.epochs, batch_size=cfg.batch_size, min_size=cfg.min_size,
+                   max_size=cfg.max_size, test_proposals=cfg.test_proposals)
+    check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
+    set_seed(cfg.seed)
     ckpt = load_encoder(cfg.model)
     voc = resolve_voc_dir(cfg.data_root, cfg.year)
     if cfg.holdout:
@@ -94,46 +110,36 @@ def run(cfg: DetectionConfig) -> dict:
     else:
         train_ids, test_ids = read_split(voc, "Main", cfg.train_split), read_split(voc, "Main", cfg.test_split)
     train_set = VOCDetection(cfg.data_root, cfg.year, ids=train_ids, transform=_flip)
-    train_set.ids = [i for i in train_set.ids if len(train_set.annotation(i).labels)]
     test_set = VOCDetection(cfg.data_root, cfg.year, ids=test_ids, keep_difficult=True)
+    train_set.check_files()
+    test_set.check_files()
+    train_set.ids = [i for i in train_set.ids if len(train_set.annotation(i).labels)]
     model = build_faster_rcnn(ckpt, len(VOC_CLASSES) + 1, cfg.fpn, cfg.min_size, cfg.max_size,
                               rpn_post_nms_top_n_test=cfg.test_proposals)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, collate_fn=_collate,
-                                         num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
-    total = cfg.max_steps or cfg.epochs * len(loader)
-    warmup = min(100, max(1, total // 10))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    step, losses = 0, []
-    model.train()
-    while step < total:
-        for images, targets in loader:
-            targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
-            loss = sum(model(list(images), targets).values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"detection loss became {loss.item()} at step {step}; lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 10.0)
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            step += 1
-            if step >= total:
-                break
-    result = evaluate(model, test_set, cfg.workers)
-    result.update(task="detection", model=cfg.model, backbone=ckpt.backbone, steps=step,
-                  final_loss=float(np.mean(losses[-10:])), train_images=len(train_set), test_images=len(test_set))
-    if cfg.output:
-        Path(cfg.output).write_text(json.dumps({"config": asdict(cfg), **result}, indent=2) + "\n")
-    return result
+
+    def schedule(optimizer: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+        warmup = min(100, max(1, total // 10))
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+
+    def loss(model: torch.nn.Module, batch) -> torch.Tensor:
+        images, targets = batch
+        return sum(model(list(images), [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]).values())
+
+    task = Task(name="detection", model=model, optimizer=optimizer, train_set=train_set, batch_size=cfg.batch_size,
+                loss=loss, evaluate=lambda model, device: evaluate(model, test_set, cfg.num_workers, device),
+                epochs=cfg.epochs, max_steps=cfg.max_steps, scheduler=schedule, collate_fn=_collate,
+                clip_grad_norm=10.0, config=asdict(cfg),
+                info={"model": cfg.model, "backbone": ckpt.backbone, "train_images": len(train_set),
+                      "test_images": len(test_set)})
+    return fit(task, EngineConfig.from_flags(cfg))
 
 
-def parse_args(argv: list[str] | None = None) -> DetectionConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="ContextEncoder dir, timm encoder dir, Hub id or random:<timm>")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m transfer.torchvision_det.train", description=__doc__.split("\n\n")[0])
+    add_common_args(p, output_dir=DetectionConfig.output_dir)
     p.add_argument("--data-root", required=True, help="VOCdevkit folder (or VOC<year> itself)")
     p.add_argument("--year", type=int, default=2007)
     p.add_argument("--train-split", default="trainval")
@@ -141,33 +147,33 @@ def parse_args(argv: list[str] | None = None) -> DetectionConfig:
     p.add_argument("--holdout", type=float, default=0.0,
                    help="test on this fraction held out of --train-split instead of --test-split")
     p.add_argument("--fpn", action=argparse.BooleanOptionalAction, default=None,
-                   help="multi-scale FPN (default: off for AlexNet, on otherwise)")
+                   help="multi-scale FPN (default: where a single stride-16 map would drop learned layers, e.g. "
+                        "ResNets; not for AlexNet)")
     p.add_argument("--min-size", type=int, default=600)
     p.add_argument("--max-size", type=int, default=1000)
     p.add_argument("--test-proposals", type=int, default=1000, help="RPN proposals kept per test image")
     p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=2, help="images per process per step")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", help="write the results as JSON here")
-    return DetectionConfig(**vars(p.parse_args(argv)))
+    p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between resumable checkpoints")
+    return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    from transfer.common import CheckpointError, VOCLayoutError
+def main(argv: list[str] | None = None) -> int:
+    """Run the entry point; returns the exit status (2 for bad input, 130 / 143 when interrupted)."""
 
-    cfg = parse_args(argv)
-    try:
+    def report(args: argparse.Namespace) -> None:
+        cfg = DetectionConfig(**vars(args))
         result = run(cfg)
-    except (CheckpointError, VOCLayoutError) as err:
-        sys.exit(f"error: {err}")
-    print(f"Faster R-CNN {result['backbone']}: VOC{cfg.year} detection mAP@0.5 {result['mAP']:.1f} "
-          f"({result['steps']} steps, {result['test_images']} test images)")
-    print("  " + "  ".join(f"{c} {a:.1f}" for c, a in result["per_class_AP"].items() if a is not None))
+        if result["complete"]:
+            print(f"Faster R-CNN {result['backbone']}: VOC{cfg.year} detection mAP@0.5 {result['mAP']:.1f} "
+                  f"({result['steps']} steps, {result['test_images']} test images); {cfg.output_dir}/results.json")
+            print("  " + "  ".join(f"{c} {a:.1f}" for c, a in result["per_class_AP"].items() if a is not None))
+
+    return run_main(build_parser(), report, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,26 +5,29 @@ The paper trains on VOC2012 train with the SBD extra data (``SegmentationClassAu
 tests on VOC2012 val (§5.2):
 
     python -m transfer.torchvision_seg.train --model DIR_OR_HUB_ID --data-root VOCdevkit \\
-        --train-split train_aug --test-split val
+        --train-split train_aug --test-split val --output-dir runs/voc12-seg [--mixed-precision bf16]
+
+Several GPUs: ``accelerate launch -m transfer.torchvision_seg.train ...`` (``--batch-size`` is per process).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from accelerate.utils import set_seed
 from torch.nn import functional as F
 from torchvision.transforms import v2 as T
 from torchvision.tv_tensors import Image, Mask
 
 from transfer.common import VOC_CLASSES, VOCSegmentation, load_encoder
+from transfer.common.cli import add_common_args, check_output_dir, check_positive, run_main
 from transfer.common.confusion import ConfusionMatrix
+from transfer.common.engine import EngineConfig, Task, fit
 from transfer.common.voc import IGNORE_INDEX, holdout_split, read_split, resolve_voc_dir
 
 from .model import build_fcn
@@ -50,9 +53,15 @@ class SegmentationConfig:
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    workers: int = 2
+    output_dir: str = "runs/voc-segmentation"
+    num_workers: int = 2
     seed: int = 0
-    output: str | None = None
+    mixed_precision: str | None = None
+    resume: str | None = None
+    overwrite: bool = False
+    max_time: float | None = None
+    log_with: list[str] = field(default_factory=lambda: ["csv"])
+    checkpoint_every: int = 1000
 
 
 class _PairTransform:
@@ -73,15 +82,16 @@ class _PairTransform:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: VOCSegmentation, stride: int = 32) -> dict:
+def evaluate(model: torch.nn.Module, dataset: VOCSegmentation, stride: int = 32,
+             device: torch.device | str = "cpu") -> dict:
     """mIoU at each image's own resolution (padded to a multiple of ``stride`` for the forward, then cropped)."""
     model.eval()
     confusion = ConfusionMatrix(NUM_CLASSES, IGNORE_INDEX)
     for i in range(len(dataset)):
         image, mask = dataset[i]
         h, w = image.shape[-2:]
-        padded = F.pad(image[None], (0, (-w) % stride, 0, (-h) % stride))
-        confusion.update(model(padded)[0, :, :h, :w].argmax(0), mask)
+        padded = F.pad(image[None].to(device), (0, (-w) % stride, 0, (-h) % stride))
+        confusion.update(model(padded)[0, :, :h, :w].argmax(0), mask.to(device))
     iou = confusion.iou()
     return {"mIoU": float(np.nanmean(iou)) * 100, "pixel_accuracy": confusion.pixel_accuracy() * 100,
             "per_class_IoU": {c: (None if math.isnan(v) else v * 100)
@@ -89,8 +99,11 @@ def evaluate(model: torch.nn.Module, dataset: VOCSegmentation, stride: int = 32)
 
 
 def run(cfg: SegmentationConfig) -> dict:
-    """Train and evaluate; returns ``{"mIoU", "per_class_IoU", "steps", ...}`` (percent)."""
-    torch.manual_seed(cfg.seed)
+    """Train and evaluate; returns ``{"mIoU", "per_class_IoU", "steps", ...}`` (percent), also written to
+    ``<output_dir>/results.json``."""
+    check_positive(max_steps=cfg.max_steps, epochs=cfg.epochs, batch_size=cfg.batch_size, crop_size=cfg.crop_size)
+    check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
+    set_seed(cfg.seed)
     ckpt = load_encoder(cfg.model)
     crop = cfg.crop_size or ckpt.image_size
     voc = resolve_voc_dir(cfg.data_root, cfg.year)
@@ -101,38 +114,29 @@ def run(cfg: SegmentationConfig) -> dict:
         test_ids = read_split(voc, "Segmentation", cfg.test_split)
     train_set = VOCSegmentation(cfg.data_root, cfg.year, ids=train_ids, transform=_PairTransform(crop))
     test_set = VOCSegmentation(cfg.data_root, cfg.year, ids=test_ids, transform=_PairTransform(None))
+    train_set.check_files()
+    test_set.check_files()
     model = build_fcn(ckpt, NUM_CLASSES)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
-    if len(loader) == 0:
-        loader = torch.utils.data.DataLoader(train_set, batch_size=len(train_set), shuffle=True)
-    total = cfg.max_steps or cfg.epochs * len(loader)
-    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total, power=0.9)
-    step, losses = 0, []
-    model.train()
-    while step < total:
-        for images, masks in loader:
-            loss = F.cross_entropy(model(images), masks, ignore_index=IGNORE_INDEX)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            step += 1
-            if step >= total:
-                break
-    result = evaluate(model, test_set)
-    result.update(task="segmentation", model=cfg.model, backbone=ckpt.backbone, steps=step,
-                  final_loss=float(np.mean(losses[-10:])), train_images=len(train_set), test_images=len(test_set))
-    if cfg.output:
-        Path(cfg.output).write_text(json.dumps({"config": asdict(cfg), **result}, indent=2) + "\n")
-    return result
+
+    def loss(model: torch.nn.Module, batch) -> torch.Tensor:
+        images, masks = batch
+        return F.cross_entropy(model(images).float(), masks, ignore_index=IGNORE_INDEX)
+
+    # fewer training images than one batch: one batch of all of them (crops are of one size, so they stack)
+    batch_size = min(cfg.batch_size, len(train_set))
+    task = Task(name="segmentation", model=model, optimizer=optimizer, train_set=train_set, batch_size=batch_size,
+                loss=loss, evaluate=lambda model, device: evaluate(model, test_set, device=device),
+                epochs=cfg.epochs, max_steps=cfg.max_steps, drop_last=True,
+                scheduler=lambda opt, total: torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=total, power=0.9),
+                config=asdict(cfg), info={"model": cfg.model, "backbone": ckpt.backbone,
+                                          "train_images": len(train_set), "test_images": len(test_set)})
+    return fit(task, EngineConfig.from_flags(cfg))
 
 
-def parse_args(argv: list[str] | None = None) -> SegmentationConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="ContextEncoder dir, timm encoder dir, Hub id or random:<timm>")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m transfer.torchvision_seg.train", description=__doc__.split("\n\n")[0])
+    add_common_args(p, output_dir=SegmentationConfig.output_dir)
     p.add_argument("--data-root", required=True, help="VOCdevkit folder (or VOC<year> itself)")
     p.add_argument("--year", type=int, default=2012)
     p.add_argument("--train-split", default="train_aug")
@@ -141,27 +145,26 @@ def parse_args(argv: list[str] | None = None) -> SegmentationConfig:
                    help="test on this fraction held out of --train-split instead of --test-split")
     p.add_argument("--crop-size", type=int, help="training crop (default: the pretraining size)")
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per process per step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", help="write the results as JSON here")
-    return SegmentationConfig(**vars(p.parse_args(argv)))
+    p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between resumable checkpoints")
+    return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    from transfer.common import CheckpointError, VOCLayoutError
+def main(argv: list[str] | None = None) -> int:
+    """Run the entry point; returns the exit status (2 for bad input, 130 / 143 when interrupted)."""
 
-    cfg = parse_args(argv)
-    try:
+    def report(args: argparse.Namespace) -> None:
+        cfg = SegmentationConfig(**vars(args))
         result = run(cfg)
-    except (CheckpointError, VOCLayoutError) as err:
-        sys.exit(f"error: {err}")
-    print(f"FCN {result['backbone']}: VOC{cfg.year} segmentation mIoU {result['mIoU']:.1f} "
-          f"({result['steps']} steps, {result['test_images']} test images)")
+        if result["complete"]:
+            print(f"FCN {result['backbone']}: VOC{cfg.year} segmentation mIoU {result['mIoU']:.1f} "
+                  f"({result['steps']} steps, {result['test_images']} test images); {cfg.output_dir}/results.json")
+
+    return run_main(build_parser(), report, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

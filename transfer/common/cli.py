@@ -1,0 +1,221 @@
+"""The flag vocabulary and exit codes every transfer entry point shares.
+
+    parser = argparse.ArgumentParser(prog="python -m transfer.classification.train", description=...)
+    add_common_args(parser, output_dir="runs/voc07-cls")
+    parser.add_argument("--data-root", required=True)
+
+    def run(args: argparse.Namespace) -> int | None:
+        out = check_output_dir(args.output_dir, resume=args.resume is not None, overwrite=args.overwrite)
+        ...  # raise UsageError("...") for bad input found later
+
+    def main(argv=None) -> int:
+        return run_main(parser, run, argv)
+
+    if __name__ == "__main__":
+        sys.exit(main())
+
+Flags (:func:`add_common_args`; the same names as ``ce_pretrain/train.py``): ``--model``, ``--output-dir``,
+``--overwrite``, ``--num-workers``, ``--mixed-precision no|fp16|bf16``, ``--seed``, ``--resume [CHECKPOINT]``,
+``--max-time 20m|1h30m|SECONDS``, ``--log-with csv,tensorboard|none``.
+
+Exit codes (:func:`run_main`): 0 done; 2 bad input, reported as one line ``prog: error: ...`` before any work
+where it can be found up front; 130 / 143 stopped by SIGINT / SIGTERM after saving a resumable checkpoint and the
+results as they stand, with a line saying how to resume. ``--max-time`` ends the same way with status 0: the
+budget was asked for (``results.json`` then says ``"complete": false``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+__all__ = [
+    "EXIT_USAGE",
+    "RunInterrupted",
+    "UsageError",
+    "add_common_args",
+    "check_output_dir",
+    "check_positive",
+    "parse_duration",
+    "run_main",
+]
+
+EXIT_USAGE = 2
+COMMON_FLAGS = ("model", "output_dir", "overwrite", "num_workers", "mixed_precision", "seed", "resume", "max_time",
+                "log_with")
+_DURATION = re.compile(r"(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?(?:(?P<s>\d+(?:\.\d+)?)s?)?")
+
+
+class UsageError(Exception):
+    """Bad input from the command line: one line on stderr, exit status 2."""
+
+
+class RunInterrupted(Exception):
+    """A run stopped early by a signal after saving a resumable checkpoint; :func:`run_main` exits ``exit_code``.
+
+    Args:
+        message: what was saved and how to resume, printed as is.
+        exit_code: 128 + the signal number (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``"90"``, ``"90s"``, ``"20m"``, ``"1h30m"``, ``"1.5h"``.
+
+    Raises:
+        ValueError: ``text`` is none of these, or not positive.
+    """
+    match = _DURATION.fullmatch(text.strip().lower())
+    if not text.strip() or match is None or not any(match.groupdict().values()):
+        raise ValueError(f"cannot read {text!r} as a duration: use seconds, or e.g. 20m, 1h30m, 45s")
+    h, m, s = (float(match[k] or 0) for k in "hms")
+    seconds = h * 3600 + m * 60 + s
+    if seconds <= 0:
+        raise ValueError(f"duration {text!r} must be positive")
+    return seconds
+
+
+def _duration_arg(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _trackers_arg(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    return [] if names == ["none"] else names
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, output_dir: str | None = None, num_workers: int = 2,
+                    only: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """Add the shared flags to ``parser`` (in an argument group "common").
+
+    Args:
+        parser: the entry point's parser.
+        output_dir: default ``--output-dir``; None makes the flag required.
+        num_workers: default ``--num-workers``.
+        only: add just these flags (destination names, e.g. ``{"model", "output_dir"}``); default: all of
+            ``COMMON_FLAGS``.
+
+    Returns:
+        ``parser``, for chaining.
+    """
+    keep = set(COMMON_FLAGS if only is None else only)
+    unknown = keep - set(COMMON_FLAGS)
+    if unknown:
+        raise ValueError(f"unknown common flags {sorted(unknown)}; known: {list(COMMON_FLAGS)}")
+    g = parser.add_argument_group("common")
+    if "model" in keep:
+        g.add_argument("--model", required=True, metavar="SRC",
+                       help="ContextEncoder folder, timm encoder folder, Hub id (owner/name) or random:<timm name>")
+    if "output_dir" in keep:
+        g.add_argument("--output-dir", required=output_dir is None, default=output_dir,
+                       help="results.json, checkpoints and logs go here"
+                            + (f" (default: {output_dir})" if output_dir else ""))
+    if "overwrite" in keep:
+        g.add_argument("--overwrite", action="store_true",
+                       help="start afresh in an --output-dir that holds an earlier run (its files are replaced)")
+    if "num_workers" in keep:
+        g.add_argument("--num-workers", type=int, default=num_workers, help="data-loading processes")
+    if "mixed_precision" in keep:
+        g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
+                       help="autocast precision; default: accelerate's config (or 'no')")
+    if "seed" in keep:
+        g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
+    if "resume" in keep:
+        g.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                       help="continue from the latest checkpoint in --output-dir, or from the given checkpoint")
+    if "max_time" in keep:
+        g.add_argument("--max-time", type=_duration_arg, metavar="DURATION",
+                       help="stop cleanly after this long (e.g. 20m, 1h30m, or seconds), saving a resumable "
+                            "checkpoint and the results so far")
+    if "log_with" in keep:
+        g.add_argument("--log-with", type=_trackers_arg, default=["csv"], metavar="TRACKERS",
+                       help="comma-separated trackers: csv (built in), tensorboard, wandb, ... (any accelerate "
+                            "tracker), or none")
+    return parser
+
+
+def check_positive(**values: float | None) -> None:
+    """Raise :class:`UsageError` naming the first flag whose value is given and below 1.
+
+    Example: ``check_positive(max_steps=cfg.max_steps, batch_size=cfg.batch_size)``.
+    """
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def check_output_dir(path: str | os.PathLike, resume: bool = False, overwrite: bool = False,
+                     markers: Sequence[str] = ("results.json", "checkpoints")) -> Path:
+    """Create ``path`` and prove it writable before any work; refuse to run over an earlier run by accident.
+
+    Args:
+        path: the ``--output-dir``.
+        resume: ``--resume`` was given (an earlier run there is expected).
+        overwrite: ``--overwrite`` was given (an earlier run there may be replaced).
+        markers: names whose presence shows an earlier run.
+
+    Raises:
+        UsageError: not a folder, not writable, or holding an earlier run without ``resume``/``overwrite``.
+    """
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {str(out)!r} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"--output-dir {str(out)!r} is not writable: {err.strerror or err}") from None
+    earlier = [m for m in markers if (out / m).exists()]
+    if earlier and not (resume or overwrite):
+        raise UsageError(f"--output-dir {str(out)!r} holds an earlier run ({', '.join(earlier)}); pass --resume to "
+                         "continue it or --overwrite to start afresh")
+    return out
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def run_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int | None],
+             argv: Sequence[str] | None = None, errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Parse ``argv``, call ``run(args)`` and turn the ways it can end into exit codes (module docstring).
+
+    Args:
+        parser: the entry point's parser (its ``prog`` starts each error line).
+        run: does the work; returns an exit code or None (0).
+        argv: arguments (default ``sys.argv[1:]``).
+        errors: more exception types that mean bad input (exit 2); :class:`UsageError`,
+            ``transfer.common.CheckpointError`` and ``VOCLayoutError`` always do.
+
+    Returns:
+        The exit status, for ``sys.exit``.
+    """
+    from .checkpoint import CheckpointError
+    from .voc import VOCLayoutError
+
+    args = parser.parse_args(argv)  # argparse itself exits 2 on unknown or malformed flags
+    try:
+        return run(args) or 0
+    except (UsageError, CheckpointError, VOCLayoutError, *errors) as err:
+        print(f"{parser.prog}: error: {_first_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except RunInterrupted as stop:
+        print(f"{parser.prog}: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:  # before or after the training loop, which handles SIGINT itself
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
