@@ -75,20 +75,18 @@ def test_proposals_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, argv):
                                            "boxes": np.array([np.ones((1, 4))], dtype=object)[None, :]})
     from transfer.detectron2.proposals import main
 
-    with pytest.raises(SystemExit) as exit_info:
-        main([a.format(mat=tmp_path / "ss.mat", tmp=tmp_path) for a in argv])
+    assert main([a.format(mat=tmp_path / "ss.mat", tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert err.startswith("python -m transfer.detectron2.proposals: error: ") and err.count("\n") == 1
     assert ("output folder" in err) == ("nope" in argv[1])
 
 
 def test_convert_cli_bad_model_is_one_line_exit_2(tmp_path, capsys):
     from transfer.detectron2.convert import main
 
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--model", str(tmp_path / "no-such-model"), "--output", str(tmp_path / "out")])
+    assert main(["--model", str(tmp_path / "no-such-model"), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert err.startswith("python -m transfer.detectron2.convert: error: ") and err.count("\n") == 1
 
 
 def _strip_optional_fields(voc):
@@ -104,7 +102,7 @@ def test_split_view_fills_optional_fields_and_keeps_the_source(tmp_path):
     voc = make_synthetic_voc(tmp_path, num_images=6, size=48) / "VOC2007"
     _strip_optional_fields(voc)
     before = {p.name: p.read_text() for p in (voc / "Annotations").glob("*.xml")}
-    train, test = plan_splits(voc, 2007, ["trainval"], ["test"])
+    _, test = plan_splits(voc, 2007, ["trainval"], ["test"])
     folder = write_split_view(voc, test[0], tmp_path / "views")
     assert test[0].name == "ce_voc_2007_test" and folder.name == test[0].name
     assert (folder / "ImageSets" / "Main" / f"{test[0].name}.txt").read_text().split() == list(test[0].ids)
@@ -165,7 +163,7 @@ def test_split_view_names_a_missing_image_or_bad_annotation(tmp_path):
 # ------------------------------------------------------------------------------------ the real detectron2
 @pytest.fixture(scope="module")
 def d2_voc(tmp_path_factory):
-    pytest.importorskip("detectron2", reason="detectron2 is not installed (it builds from source; see docs/transfer.md)")
+    pytest.importorskip("detectron2", reason="detectron2 is not installed (builds from source: docs/transfer.md)")
     from scipy.io import savemat
 
     root = tmp_path_factory.mktemp("d2voc")
@@ -282,11 +280,11 @@ def test_eval_only_scores_the_trained_detector_once(ce_dirs, d2_voc, tmp_path, m
     with pytest.raises(CheckpointError, match="no trained detector"):
         prepare(parse_args([*argv, "--eval-only"]))  # nothing trained yet: never an untrained evaluation
     calls = _count_evaluations(monkeypatch)
-    main(argv)
+    assert main(argv) == 0
     trained = _result_lines(capsys.readouterr().out)
     assert calls == ["ce_voc_2007_test"] and len(trained) == 1
     assert (tmp_path / "model_final.pth").is_file()
-    main([*argv, "--eval-only"])
+    assert main([*argv, "--eval-only"]) == 0
     assert _result_lines(capsys.readouterr().out) == trained and len(calls) == 2
 
     cfg = setup(parse_args(argv))
@@ -298,7 +296,7 @@ def test_eval_only_scores_the_trained_detector_once(ce_dirs, d2_voc, tmp_path, m
 
 
 def test_holdout_and_annotations_without_optional_fields(ce_dirs, tmp_path_factory, tmp_path, capsys):
-    pytest.importorskip("detectron2", reason="detectron2 is not installed (it builds from source; see docs/transfer.md)")
+    pytest.importorskip("detectron2", reason="detectron2 is not installed (builds from source: docs/transfer.md)")
     from transfer.detectron2.train_net import main
 
     devkit = make_synthetic_voc(tmp_path_factory.mktemp("subset"), num_images=12, size=64, year=2012)
@@ -306,8 +304,8 @@ def test_holdout_and_annotations_without_optional_fields(ce_dirs, tmp_path_facto
     _strip_optional_fields(voc)  # as in the real VOC2012 subset: the evaluator used to crash on these
     for split in ("train", "val", "test"):
         (voc / "ImageSets" / "Main" / f"{split}.txt").unlink()
-    main(_argv("faster_rcnn_alexnet_voc07.yaml", ce_dirs / "alexnet", devkit, tmp_path,
-               extra=["--year", "2012", "--holdout", "0.25"]))
+    assert main(_argv("faster_rcnn_alexnet_voc07.yaml", ce_dirs / "alexnet", devkit, tmp_path,
+                      extra=["--year", "2012", "--holdout", "0.25"])) == 0
     assert len(_result_lines(capsys.readouterr().out)) == 1
     held = (tmp_path / "datasets" / "ce_voc_2012_trainval_holdout" / "ImageSets" / "Main" /
             "ce_voc_2012_trainval_holdout.txt").read_text().split()
@@ -324,10 +322,10 @@ def test_bad_input_is_one_line_exit_2(ce_dirs, d2_voc, tmp_path, capsys, extra, 
     from transfer.detectron2.train_net import main
 
     devkit, root = d2_voc
-    with pytest.raises(SystemExit) as exit_info:
-        main(_argv("faster_rcnn_alexnet_voc07.yaml", ce_dirs / "alexnet", devkit, tmp_path, extra=extra))
+    assert main(_argv("faster_rcnn_alexnet_voc07.yaml", ce_dirs / "alexnet", devkit, tmp_path, extra=extra)) == 2
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.startswith("error: ") and message in err
+    assert err.startswith("python -m transfer.detectron2.train_net: error: ") and message in err
+    assert err.count("\n") == 1
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ce_pretrain.atomic import write_atomic
+from transfer.common.cli import run_main
 
 __all__ = ["convert_selective_search"]
 
@@ -62,19 +63,19 @@ def convert_selective_search(mat_file: str | Path, output: str | Path, top_k: in
     return len(ids)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    """Bad input: one line on stderr, exit status 2."""
+    p = argparse.ArgumentParser(prog="python -m transfer.detectron2.proposals", description=__doc__.split("\n\n")[0])
     p.add_argument("mat_file")
     p.add_argument("output")
     p.add_argument("--top-k", type=int)
-    args = p.parse_args(argv)
-    try:
+
+    def run(args: argparse.Namespace) -> None:
         n = convert_selective_search(args.mat_file, args.output, args.top_k)
-    except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(f"wrote proposals of {n} images to {args.output}")
+        print(f"wrote proposals of {n} images to {args.output}")
+
+    return run_main(p, run, argv, errors=(OSError, ValueError))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

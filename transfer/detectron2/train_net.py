@@ -28,6 +28,7 @@ from detectron2.evaluation import PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 
 from transfer.common.checkpoint import CheckpointError, load_encoder, load_strict
+from transfer.common.cli import UsageError, add_common_args, check_positive, run_main
 from transfer.common.voc import VOCLayoutError, resolve_voc_dir
 
 from .backbone import add_timm_config
@@ -93,11 +94,7 @@ def _trained_weights(cfg: CfgNode, explicit: bool) -> str:
 
 def _flag_opts(args: argparse.Namespace) -> list[str]:
     """The common flags as config overrides; ``KEY VALUE`` pairs after them win."""
-    opts = ["SEED", str(args.seed)]
-    if args.output_dir:
-        opts += ["OUTPUT_DIR", args.output_dir]
-    if args.num_workers is not None:
-        opts += ["DATALOADER.NUM_WORKERS", str(args.num_workers)]
+    opts = ["SEED", str(args.seed), "OUTPUT_DIR", args.output_dir, "DATALOADER.NUM_WORKERS", str(args.num_workers)]
     if args.mixed_precision == "fp16":
         opts += ["SOLVER.AMP.ENABLED", "True"]
     return opts + list(args.opts)
@@ -122,7 +119,7 @@ def prepare(args: argparse.Namespace) -> CfgNode:
     cfg.merge_from_file(str(snippet))
     cfg.merge_from_list(opts)
     if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
-        raise CheckpointError("--mixed-precision fp16 needs MODEL.DEVICE cuda (detectron2's AMPTrainer is CUDA-only)")
+        raise UsageError("--mixed-precision fp16 needs MODEL.DEVICE cuda (detectron2's AMPTrainer is CUDA-only)")
     voc = resolve_voc_dir(args.data_root, args.year)
     train, test = plan_splits(voc, args.year, [split_of(n) for n in cfg.DATASETS.TRAIN],
                               [split_of(n) for n in cfg.DATASETS.TEST], args.holdout, args.seed)
@@ -200,47 +197,63 @@ def run(args: argparse.Namespace, cfg: CfgNode | None = None) -> dict:
     return {}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The flags: the shared transfer vocabulary (``--model``, ``--output-dir``, ``--num-workers``,
+    ``--mixed-precision``, ``--seed``), detectron2's (``--config-file``, ``--eval-only``, ``--resume``, ``--num-gpus``,
+    ``--num-machines``, ``--machine-rank``, ``--dist-url``, ``KEY VALUE`` overrides) and the data's."""
+    p = argparse.ArgumentParser(prog="python -m transfer.detectron2.train_net", description=__doc__.split("\n\n")[0])
+    add_common_args(p, output_dir="runs/detectron2", only={"model", "output_dir", "num_workers", "mixed_precision",
+                                                             "seed"})
     p.add_argument("--config-file", default=str(CONFIG_DIR / "fast_rcnn_alexnet_voc07.yaml"))
-    p.add_argument("--model", required=True, help="ContextEncoder dir, timm encoder dir, Hub id or random:<timm>")
     p.add_argument("--data-root", required=True, help="VOCdevkit folder (or VOC<year> itself)")
     p.add_argument("--year", type=int, default=2007)
     p.add_argument("--holdout", type=float, default=0.0,
                    help="test on this fraction held out of the training split (for folders without a test list)")
     p.add_argument("--proposals-dir", help="folder of voc_<year>_<split>.pkl proposal files (Fast R-CNN)")
-    p.add_argument("--output-dir", help="OUTPUT_DIR (default: the config's)")
-    p.add_argument("--num-workers", type=int, help="DATALOADER.NUM_WORKERS (default: the config's)")
-    p.add_argument("--mixed-precision", choices=["no", "fp16"], default="no",
-                   help="fp16: detectron2's AMPTrainer (CUDA only)")
-    p.add_argument("--seed", type=int, default=0, help="SEED, and which images --holdout holds out")
     p.add_argument("--eval-only", action="store_true",
                    help="evaluate OUTPUT_DIR's last checkpoint (or MODEL.WEIGHTS if given) without training")
+    # a flag, not the shared --resume [CHECKPOINT]: an optional value would swallow the first KEY of the overrides
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR's last checkpoint")
     p.add_argument("--num-gpus", type=int, default=1, help="processes per machine (detectron2's launch)")
     p.add_argument("--num-machines", type=int, default=1)
     p.add_argument("--machine-rank", type=int, default=0)
     p.add_argument("--dist-url", default="auto", help="tcp://HOST:PORT of machine 0 for several machines")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    args = p.parse_args(argv)
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides (applied last)")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Checks of the flags that argparse cannot make.
+
+    Raises:
+        UsageError: overrides not in pairs, no process to run, or a precision detectron2's trainer lacks.
+    """
     if len(args.opts) % 2:
-        p.error(f"config overrides come in KEY VALUE pairs, got {args.opts}")
-    for flag in ("num_gpus", "num_machines"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+        raise UsageError(f"config overrides come in KEY VALUE pairs, got {args.opts}")
+    check_positive(num_gpus=args.num_gpus, num_machines=args.num_machines)
+    if args.mixed_precision == "bf16":
+        raise UsageError("--mixed-precision bf16: detectron2's DefaultTrainer runs AMP in fp16 only")
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """:func:`build_parser`'s flags, checked by :func:`check_args`."""
+    return check_args(build_parser().parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
     """Bad input (flags, config keys, data, weights): one line on stderr, exit status 2, before any training."""
-    args = parse_args(argv)
-    try:
-        cfg = prepare(args)
-    except (CheckpointError, OSError, ValueError, AssertionError) as err:  # yacs reports unknown keys by assert
-        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
-        sys.exit(2)
-    run(args, cfg)
+
+    def checked_run(args: argparse.Namespace) -> None:
+        check_args(args)
+        try:
+            cfg = prepare(args)
+        except (OSError, ValueError, KeyError, AssertionError) as err:  # yacs: unknown keys by assert or KeyError
+            raise UsageError(str(err) or type(err).__name__) from None
+        run(args, cfg)
+
+    return run_main(build_parser(), checked_run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

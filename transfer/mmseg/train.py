@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from ce_pretrain.atomic import write_text_atomic
-from transfer.common.checkpoint import CheckpointError, load_encoder
+from transfer.common.checkpoint import load_encoder
+from transfer.common.cli import UsageError, add_common_args, check_positive, run_main
 from transfer.common.voc import VOCLayoutError, holdout_split, resolve_voc_dir
 
 from .convert import convert
@@ -69,16 +70,17 @@ def build_config(args: argparse.Namespace):
     ``--cfg-options`` (the user's word is final), then the splits checked (and carved with ``--holdout``).
 
     Raises:
-        CheckpointError, VOCLayoutError: one line for what is missing or does not fit.
+        UsageError, CheckpointError, VOCLayoutError: one line for what is missing or does not fit.
     """
     from mmengine.config import Config
 
-    if args.mixed_precision != "no":
+    check_positive(crop_size=args.crop_size, max_iters=args.max_iters)
+    amp = args.mixed_precision not in (None, "no")
+    if amp:
         import torch
 
         if not torch.cuda.is_available():
-            raise CheckpointError(f"--mixed-precision {args.mixed_precision} needs a GPU (mmengine's "
-                                  "AmpOptimWrapper)")
+            raise UsageError(f"--mixed-precision {args.mixed_precision} needs a GPU (mmengine's AmpOptimWrapper)")
     cfg = Config.fromfile(args.config)
     ckpt = load_encoder(args.model)
     voc = resolve_voc_dir(args.data_root, 2012)
@@ -101,12 +103,14 @@ def build_config(args: argparse.Namespace):
     cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
     cfg.work_dir = str(work_dir)
     cfg.randomness = dict(seed=args.seed)
-    cfg.resume = args.resume
+    # --resume: the latest checkpoint in the output dir (mmengine's resume=True), or the one given
+    cfg.resume = args.resume is not None
+    if args.resume not in (None, "latest"):
+        cfg.load_from = args.resume
     cfg.launcher = args.launcher
-    if args.num_workers is not None:
-        for loader in (cfg.train_dataloader, cfg.test_dataloader):
-            loader.update(num_workers=args.num_workers, persistent_workers=args.num_workers > 0)
-    if args.mixed_precision != "no":
+    for loader in (cfg.train_dataloader, cfg.test_dataloader):
+        loader.update(num_workers=args.num_workers, persistent_workers=args.num_workers > 0)
+    if amp:
         cfg.optim_wrapper.update(type="AmpOptimWrapper", dtype={"fp16": "float16", "bf16": "bfloat16"}[
             args.mixed_precision])
     if args.max_iters:
@@ -133,50 +137,46 @@ def run(cfg) -> dict:
     return runner.test()
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def build_parser() -> argparse.ArgumentParser:
+    """The shared transfer flags (``--model``, ``--output-dir``, ``--num-workers``, ``--mixed-precision``,
+    ``--seed``, ``--resume``), mmseg's (``--config``, ``--launcher``, ``--cfg-options``) and the data's."""
+    from mmengine.config import DictAction
+
+    p = argparse.ArgumentParser(prog="python -m transfer.mmseg.train", description=__doc__.split("\n\n")[0])
+    add_common_args(p, output_dir="runs/mmseg", only={"model", "output_dir", "num_workers", "mixed_precision", "seed",
+                                                        "resume"})
+    p.add_argument("--data-root", required=True, help="VOCdevkit folder (or VOC2012 itself)")
+    p.add_argument("--config", default=str(CONFIG))
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="test on this fraction held out of the first training split (for folders without val)")
+    p.add_argument("--crop-size", type=int, help="training crop (default: the pretraining size)")
+    p.add_argument("--max-iters", type=int)
+    p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none",
+                   help="mmengine's launcher: pytorch under torchrun, slurm under srun")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, help="KEY=VALUE config overrides (applied last)")
+    return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from mmengine.config import DictAction
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="ContextEncoder dir, timm encoder dir, Hub id or random:<timm>")
-    p.add_argument("--data-root", required=True, help="VOCdevkit folder (or VOC2012 itself)")
-    p.add_argument("--config", default=str(CONFIG))
-    p.add_argument("--output-dir", default="runs/mmseg", help="mmengine's work_dir: weights, logs, checkpoints")
-    p.add_argument("--holdout", type=float, default=0.0,
-                   help="test on this fraction held out of the first training split (for folders without val)")
-    p.add_argument("--crop-size", type=_positive, help="training crop (default: the pretraining size)")
-    p.add_argument("--max-iters", type=_positive)
-    p.add_argument("--num-workers", type=int, help="data-loader workers (default: the config's)")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
-                   help="mmengine's AmpOptimWrapper (GPU only)")
-    p.add_argument("--seed", type=int, default=0, help="mmengine's seed, and which images --holdout holds out")
-    p.add_argument("--resume", action="store_true", help="continue from the output dir's last checkpoint")
-    p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none",
-                   help="mmengine's launcher: pytorch under torchrun, slurm under srun")
-    p.add_argument("--cfg-options", nargs="+", action=DictAction, help="KEY=VALUE config overrides")
-    return p.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """Bad input (flags, data, weights, config): one line on stderr, exit status 2, before any training."""
-    args = parse_args(argv)
-    try:
-        cfg = build_config(args)
-    except (CheckpointError, OSError, ValueError, KeyError) as err:
-        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
-        sys.exit(2)
-    metrics = run(cfg)
-    from mmengine.dist import is_main_process
 
-    if is_main_process():
-        print(format_metrics(metrics))
+    def checked_run(args: argparse.Namespace) -> None:
+        try:
+            cfg = build_config(args)
+        except (OSError, ValueError, KeyError) as err:
+            raise UsageError(str(err) or type(err).__name__) from None
+        metrics = run(cfg)
+        from mmengine.dist import is_main_process
+
+        if is_main_process():
+            print(format_metrics(metrics))
+
+    return run_main(build_parser(), checked_run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
