@@ -107,7 +107,7 @@ def prepare(args: argparse.Namespace) -> CfgNode:
     (the user's word is final), then the datasets those name.
 
     Raises:
-        CheckpointError, VOCLayoutError: one line for what is missing or does not fit.
+        UsageError, CheckpointError, VOCLayoutError: one line for what is missing or does not fit.
     """
     opts = _flag_opts(args)
     cfg = add_timm_config(get_cfg())
@@ -120,6 +120,8 @@ def prepare(args: argparse.Namespace) -> CfgNode:
     cfg.merge_from_list(opts)
     if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
         raise UsageError("--mixed-precision fp16 needs MODEL.DEVICE cuda (detectron2's AMPTrainer is CUDA-only)")
+    if args.num_gpus * args.num_machines > 1 and not cfg.MODEL.DEVICE.startswith("cuda"):
+        raise UsageError("several processes need MODEL.DEVICE cuda (detectron2's DDP wrapper gives each one a GPU)")
     voc = resolve_voc_dir(args.data_root, args.year)
     train, test = plan_splits(voc, args.year, [split_of(n) for n in cfg.DATASETS.TRAIN],
                               [split_of(n) for n in cfg.DATASETS.TEST], args.holdout, args.seed)
