@@ -6,7 +6,7 @@
 
 For each configuration (``preset:backbone``) and precision, in a fresh process so peak memory is its own:
 
-* ``compute``: ms/step and images/s of the real training step (``train.StepRunner``: forward, losses, backward,
+* ``compute``: ms/step and images/s of the real training step (``objective.ContextEncoderObjective``: forward, losses, backward,
   optimiser(s)) on in-memory tensors with precomputed masks — data excluded;
 * ``data`` / ``masks``: ms per batch of the loader's work alone, in the main process (decode, resize, crop, flip,
   collate: what each of the ``--workers`` loader processes spends per batch) and of mask generation alone;
@@ -89,9 +89,9 @@ def _count_flops(fn) -> int:
 def bench_ours(args: SimpleNamespace) -> dict:
     from accelerate import Accelerator
 
+    from ce_pretrain.config import PRESETS, TrainConfig
     from ce_pretrain.data import EpochSampler, ImageDataset, collate, list_images, sample_images
-    from ce_pretrain.masks import make_masks
-    from ce_pretrain.train import PRESETS, StepRunner, TrainConfig
+    from ce_pretrain.objective import ContextEncoderObjective
 
     preset, backbone = args.config.split(":")
     values = {k: v for k, v in PRESETS[preset].items() if k in TrainConfig.__dataclass_fields__}
@@ -103,17 +103,17 @@ def bench_ours(args: SimpleNamespace) -> dict:
         values["image_size"] = 224
     cfg = TrainConfig(**values)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
-    runner = StepRunner.build(cfg, accelerator)
+    runner = ContextEncoderObjective.build(cfg, accelerator)
+    rule = runner.mask_rule
     device, b, s = accelerator.device, cfg.batch_size, cfg.image_size
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
     images = torch.rand(b, 3, s, s, device=device).contiguous(memory_format=memory)
     gen = torch.Generator().manual_seed(0)
-    mask = make_masks(cfg.mask, b, s, s, generator=gen, device=device, overlap=cfg.overlap)
+    mask = rule.sample(b, gen, device=device)
 
     flops = _count_flops(lambda: runner.step(images, mask))
     compute = _time(lambda: runner.step(images, mask), args.steps, args.warmup)
-    masks = _time(lambda: make_masks(cfg.mask, b, s, s, generator=gen, device=device, overlap=cfg.overlap),
-                  args.steps, 1)
+    masks = _time(lambda: rule.sample(b, gen, device=device), args.steps, 1)
 
     files = list_images(args.data) if args.data else sample_images()
     dataset = ImageDataset(files, s, cache=len(files) <= 256)
@@ -128,7 +128,7 @@ def bench_ours(args: SimpleNamespace) -> dict:
     def fed_step():
         crops, _ = next(batches)
         x = crops.to(device).float().div_(255).contiguous(memory_format=memory)
-        runner.step(x, make_masks(cfg.mask, b, s, s, generator=gen, device=device, overlap=cfg.overlap))
+        runner.step(x, rule.sample(b, gen, device=device))
 
     end_to_end = _time(fed_step, args.steps, 1)
     return dict(config=args.config, precision=args.precision, batch=b, size=s, flops=flops, compute_s=compute,

@@ -1,4 +1,4 @@
-"""The ``ce-pretrain`` command: inpaint, evaluate, neighbors, card, export.
+"""The ``ce-pretrain`` command: train, inpaint, evaluate, neighbors, card, export, demo.
 
 Thin: argument parsing, loading, and writing; the work is in :mod:`ce_pretrain.inpaint`, :mod:`ce_pretrain.evaluate`,
 :mod:`ce_pretrain.neighbors`, :mod:`ce_pretrain.model_card` and :mod:`ce_pretrain.export`. Bad input ends with one
@@ -9,6 +9,7 @@ written to a temporary name and renamed, so none is ever half-written.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from collections.abc import Sequence
@@ -44,32 +45,34 @@ def _device(name: str | None) -> torch.device:
 
 
 def _load_model(ref: str, device: torch.device):
-    """A ContextEncoder from a ``save_pretrained`` folder or a Hub repository id."""
+    """A ContextEncoder from a ``save_pretrained`` folder or a Hub repository id (errors: one line, see
+    :meth:`ContextEncoder.from_pretrained`)."""
     from .model import ContextEncoder, IncompatibleCheckpointError
 
-    path = Path(ref).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CLIError(f"--model {ref!r} is a file; pass the folder written by save_pretrained")
-        if not (path / "config.json").is_file():
-            raise CLIError(f"--model {ref!r} is not a model folder (no config.json); pass the folder written by "
-                           "save_pretrained")
-        ref = str(path)
-    elif ref.startswith((".", "/", "~")) or ref.count("/") != 1:
-        raise CLIError(f"no model at {ref!r}: no such folder, and not a Hugging Face repository id (owner/name)")
     try:
         model = ContextEncoder.from_pretrained(ref)
     except (FileNotFoundError, IncompatibleCheckpointError) as e:
-        raise CLIError(f"cannot load model {ref!r}: {_first_line(e)}") from e
-    except Exception as e:  # huggingface_hub raises many types (offline, not found, gated, HTTP): all mean "no model"
-        raise CLIError(f"cannot load model {ref!r}: {_first_line(e)}") from e
+        raise CLIError(f"--model {ref!r}: {_first_line(e)}") from e
+    except (ValueError, TypeError) as e:  # a config.json that does not describe a ContextEncoder
+        raise CLIError(f"--model {ref!r}: not a ce-pretrain model ({_first_line(e)})") from e
     return model.to(device).eval()
+
+
+def _check_writable(folder: Path, flag: str) -> None:
+    """Fail before any work if ``folder`` cannot be written (read-only, full, a file in the way)."""
+    from .checkpoint import check_writable
+    from .config import ConfigError
+
+    try:
+        check_writable(folder, flag)
+    except ConfigError as e:
+        raise CLIError(str(e)) from e
 
 
 def _output_dir(path: str) -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {path!r} exists and is not a folder")
+        raise CLIError(f"--output-dir {path!r} exists and is not a folder")
     return out
 
 
@@ -128,6 +131,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     json_path = Path(args.json) if args.json else None
     if json_path is not None and not json_path.parent.is_dir():
         raise CLIError(f"--json {args.json!r}: folder {str(json_path.parent)!r} does not exist")
+    if json_path is not None:
+        _check_writable(json_path.parent, "--json folder")
     model = _load_model(args.model, _device(args.device))
     images, files = load_folder(args.data, model.image_size, args.limit)
     pool, pool_files = (None, [])
@@ -156,9 +161,9 @@ def _cmd_neighbors(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if not out.parent.is_dir():
-        raise CLIError(f"--out {args.out!r}: folder {str(out.parent)!r} does not exist")
+        raise CLIError(f"--output {args.out!r}: folder {str(out.parent)!r} does not exist")
     if out.suffix.lower() != ".png":
-        raise CLIError(f"--out {args.out!r} must be a .png file")
+        raise CLIError(f"--output {args.out!r} must be a .png file")
     model = _load_model(args.model, _device(args.device))
     queries, query_files = load_folder(args.query, model.image_size, args.limit)
     pool, pool_files = load_folder(args.pool, model.image_size, args.pool_limit)
@@ -208,11 +213,33 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .export import save_timm_encoder
 
     out = _output_dir(args.out)
+    source = Path(args.model).expanduser()
+    if source.is_dir() and out.exists() and out.resolve() == source.resolve():
+        raise CLIError(f"--output-dir {args.out!r} is the model's own folder: exporting there would replace the "
+                       "trained model with the bare encoder; choose another folder (e.g. MODEL/timm-encoder)")
+    taken = [name for name in ("model.safetensors", "config.json") if (out / name).exists()]
+    if taken and not args.overwrite:
+        raise CLIError(f"--output-dir {args.out!r} already holds a model ({', '.join(taken)}); pass --overwrite to "
+                       "replace it, or choose another folder")
+    _check_writable(out, "--output-dir")
     model = _load_model(args.model, torch.device("cpu"))
     save_timm_encoder(model, out)
     print(f"encoder written in timm's layout to {out}/ (load with timm.create_model('local-dir:{out}', "
           "pretrained=True) after `import ce_pretrain`)")
     return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.write_space:
+        from .space import write_space
+
+        print(f"Hugging Face Space written to {write_space(args.write_space, args.model)}/")
+        return 0
+    from .demo import GRADIO_MISSING, serve
+
+    if importlib.util.find_spec("gradio") is None:  # before loading the model; importing Gradio takes seconds
+        raise CLIError(GRADIO_MISSING)
+    return serve(_load_model(args.model, _device(args.device)), args)
 
 
 # ------------------------------------------------------------------------------------------------------ parser
@@ -223,12 +250,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Context encoders (Pathak et al., CVPR 2016): inpaint, evaluate, inspect, publish.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # `ce-pretrain train ...` is ce_pretrain/train.py: main() hands its arguments over before parsing them here
+    sub.add_parser("train", add_help=False, help="pretrain a context encoder (= ce_pretrain/train.py; see "
+                                                 "`ce-pretrain train --help`)")
 
     def common(p: argparse.ArgumentParser, device: bool = True) -> None:
         p.add_argument("--model", required=True, metavar="DIR_OR_REPO",
                        help="a folder written by save_pretrained, or a Hugging Face repository id")
         if device:
             p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+    def masked_search(p: argparse.ArgumentParser, limit: int | None, limit_help: str) -> None:
+        """Flags shared by the commands that mask many images and search a pool (evaluate, neighbors)."""
+        p.add_argument("--mask", default="center", choices=MASK_KINDS, help="mask kind (default: center, as the paper)")
+        p.add_argument("--limit", type=int, default=limit, help=limit_help)
+        p.add_argument("--pool-limit", type=int, default=None, help="use the first N pool images")
+        p.add_argument("--seed", type=int, default=0, help="seed of random masks")
+        p.add_argument("--batch-size", type=int, default=32)
 
     p = sub.add_parser("inpaint", help="fill the hole of images; writes masked input, result and a grid",
                        description="Fill the hole of each image: the prediction is blended into the untouched "
@@ -237,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files of any size and mode")
     p.add_argument("--mask", default="center", metavar="KIND_OR_PNG",
                    help=f"{' | '.join(MASK_KINDS)} | a mask image of the images' size, white = hole (default: center)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--output-dir", "--out", dest="out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of random masks")
     p.add_argument("--tile", type=int, default=256, help="side of each tile of grid.png in pixels")
     p.set_defaults(func=_cmd_inpaint)
@@ -249,12 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--data", required=True, metavar="FOLDER", help="held-out images")
     p.add_argument("--pool", metavar="FOLDER", help="other images for the nearest-neighbour baselines")
-    p.add_argument("--mask", default="center", choices=MASK_KINDS, help="mask kind (default: center, as the paper)")
     p.add_argument("--json", metavar="OUT", help="also write the numbers to this JSON file")
-    p.add_argument("--limit", type=int, default=None, help="use the first N held-out images")
-    p.add_argument("--pool-limit", type=int, default=None, help="use the first N pool images")
-    p.add_argument("--seed", type=int, default=0, help="seed of random masks")
-    p.add_argument("--batch-size", type=int, default=32)
+    masked_search(p, limit=None, limit_help="use the first N held-out images")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("neighbors", help="Fig. 8: nearest neighbours of a hole from its context, encoder vs HOG",
@@ -263,14 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--query", required=True, metavar="FOLDER", help="query images")
     p.add_argument("--pool", required=True, metavar="FOLDER", help="images to search")
-    p.add_argument("--out", required=True, metavar="GRID.png", help="the figure")
-    p.add_argument("--mask", default="center", choices=MASK_KINDS, help="mask kind (default: center)")
+    p.add_argument("--output", "--out", dest="out", required=True, metavar="GRID.png", help="the figure")
     p.add_argument("-k", "--k", type=int, default=5, help="neighbours per method (default: 5)")
-    p.add_argument("--limit", type=int, default=8, help="use the first N query images (default: 8)")
-    p.add_argument("--pool-limit", type=int, default=None, help="use the first N pool images")
-    p.add_argument("--seed", type=int, default=0, help="seed of random masks")
     p.add_argument("--tile", type=int, default=128, help="side of each tile in pixels")
-    p.add_argument("--batch-size", type=int, default=32)
+    masked_search(p, limit=8, limit_help="use the first N query images (default: 8)")
     p.set_defaults(func=_cmd_neighbors)
 
     p = sub.add_parser("card", help="write the Hugging Face model card of a model folder",
@@ -280,28 +310,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--training", metavar="JSON", help="training flags and statistics (a JSON object)")
     p.add_argument("--evaluation", metavar="JSON", help="the output of `ce-pretrain evaluate --json`")
     p.add_argument("--repo-id", help="repository id shown in the loading examples (default: the folder name)")
-    p.add_argument("--out", metavar="PATH", help="where to write the card (default: MODEL/README.md)")
+    p.add_argument("--output", "--out", dest="out", metavar="PATH",
+                   help="where to write the card (default: MODEL/README.md)")
     p.set_defaults(func=_cmd_card)
 
     p = sub.add_parser("export", help="write the encoder in timm's Hub layout (config.json + model.safetensors)")
     common(p, device=False)
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--output-dir", "--out", dest="out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a model already in the output folder (never the source model's own folder)")
     p.set_defaults(func=_cmd_export)
+
+    from .demo import add_demo_arguments
+
+    p = sub.add_parser("demo", help="serve a web page to inpaint uploaded images (needs the demo extra: Gradio)")
+    common(p)
+    add_demo_arguments(p)
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``ce-pretrain``; returns the exit status (2 for bad input, with one line on stderr)."""
-    from .inpaint import ImageReadError
+    from .data import ImageReadError
 
-    args = build_parser().parse_args(argv)
-    for flag in ("limit", "pool_limit", "k", "batch_size", "tile"):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        from .train import main as train_main
+
+        return train_main([str(a) for a in argv[1:]], prog=f"{PROG} train")
+    args = build_parser().parse_args([str(a) for a in argv])
+    for flag in ("limit", "pool_limit", "k", "batch_size", "tile", "port"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             print(f"{PROG}: error: --{flag.replace('_', '-')} must be at least 1, got {value}", file=sys.stderr)
             return 2
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
     except (CLIError, ImageReadError) as e:
         print(f"{PROG}: error: {_first_line(e)}", file=sys.stderr)
         return 2

@@ -32,6 +32,7 @@ __all__ = [
     "StreamingImageDataset",
     "collate",
     "list_images",
+    "ImageReadError",
     "load_rgb",
     "open_source",
     "random_crop",
@@ -98,25 +99,39 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+class ImageReadError(ValueError):
+    """An image file is missing, unreadable or unusable; the message is one line naming the file."""
+
+
 def load_rgb(source: str | os.PathLike | Image.Image, min_side: int | None = None) -> Image.Image:
-    """Open an image file (or take a PIL image) as RGB.
+    """Open an image file of any mode (grayscale, RGBA, CMYK, palette, 16-bit), or take a PIL image, as 8-bit RGB.
+
+    The one image reader of ce-pretrain: training data, inference, evaluation and the demo all read through it.
 
     Args:
         source: a path or a PIL image.
         min_side: when given, large JPEGs are decoded at reduced scale, but never below this shorter side.
 
     Raises:
-        OSError, UnidentifiedImageError, ValueError: the file is not a readable image.
+        ImageReadError: one line: no such file, a folder, or not a readable image.
     """
     if isinstance(source, Image.Image):
         return _to_rgb(source)
-    with Image.open(source) as img:
-        if min_side is not None and img.format == "JPEG":
-            scale = min(img.size) / min_side
-            if scale >= 2:  # DCT-domain downscaling: much faster decodes of large photos
-                img.draft("RGB", (math.ceil(img.size[0] / scale), math.ceil(img.size[1] / scale)))
-        img.load()
-        return _to_rgb(img)
+    try:
+        with Image.open(source) as img:
+            if min_side is not None and img.format == "JPEG":
+                scale = min(img.size) / min_side
+                if scale >= 2:  # DCT-domain downscaling: much faster decodes of large photos
+                    img.draft("RGB", (math.ceil(img.size[0] / scale), math.ceil(img.size[1] / scale)))
+            img.load()
+            return _to_rgb(img)
+    except FileNotFoundError as e:
+        raise ImageReadError(f"no such file: {str(source)!r}") from e
+    except IsADirectoryError as e:
+        raise ImageReadError(f"{str(source)!r} is a folder, not an image") from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ImageReadError(f"cannot read image {str(source)!r}: {reason}") from e
 
 
 def resize_shorter(img: Image.Image, load_size: int, size: int) -> Image.Image:
@@ -252,7 +267,8 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
         good, epoch, bad = 0, 0, []
         while True:
             seen = 0
-            for row, example in enumerate(shard.shuffle(seed=self.seed * 100_003 + epoch, buffer_size=self.buffer_size)):
+            shuffled = shard.shuffle(seed=self.seed * 100_003 + epoch, buffer_size=self.buffer_size)
+            for row, example in enumerate(shuffled):
                 seen += 1
                 if good < self.start:  # resuming: skip what was used, without decoding it
                     good += 1
@@ -319,12 +335,42 @@ def _hf_image_column(ds) -> str:
     raise DataSourceError(f"the dataset has no image column (columns: {', '.join(ds.features)})")
 
 
+_PROBE = 64
+
+
+def _check_readable(files: Sequence[Path], data: str) -> None:
+    """Refuse a folder whose first images are all unreadable (a wrong folder, or files still downloading).
+
+    A few bad files are skipped during training; a folder of nothing but bad files would only fail later, inside
+    a loader worker.
+    """
+    reasons = []
+    for path in files[:_PROBE]:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(path) as img:
+                    img.verify()  # the header and structure, without decoding every pixel
+            return
+        except _BAD_IMAGE as e:
+            reasons.append(f"{path.name}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+    what = f"none of the {len(files)} image files" if len(files) <= _PROBE else f"none of the first {_PROBE} files"
+    raise DataSourceError(f"{what} in {data!r} can be read as an image (e.g. {reasons[0]})")
+
+
+def _looks_like_dataset_id(data: str) -> bool:
+    """``name`` or ``owner/name`` as the Hub spells datasets; paths (``./x``, ``/x``, ``~/x``, ``a/b/c``) are not."""
+    parts = data.split("/")
+    return len(parts) <= 2 and all(p and p[0] not in ".-~" and all(c.isalnum() or c in "-_." for c in p)
+                                   for p in parts)
+
+
 def open_source(data: str | None, split: str = "train", streaming: bool = False) -> tuple[object, str | None, str]:
     """Resolve ``--data`` into ``(items, image_column, description)`` without building any model.
 
     ``None`` is the built-in sample; an existing folder is searched for images, unless it is a dataset written by
-    ``datasets``' ``save_to_disk``; anything else is a Hugging Face dataset name (with ``streaming``, a
-    ``datasets.IterableDataset`` read as it downloads).
+    ``datasets``' ``save_to_disk``; a ``name`` or ``owner/name`` that is no folder is a Hugging Face dataset (with
+    ``streaming``, a ``datasets.IterableDataset`` read as it downloads); any other path is a missing folder.
 
     Raises:
         DataSourceError: with a one-line reason.
@@ -348,8 +394,9 @@ def open_source(data: str | None, split: str = "train", streaming: bool = False)
         if streaming:
             return ds.to_iterable_dataset(), _hf_image_column(ds), f"dataset {data!r} ({split}), streamed"
         return ds, _hf_image_column(ds), f"Hugging Face dataset {data!r} ({split}): {len(ds)} images"
-    if path.exists() or os.sep in data or data.startswith("."):
-        files = list_images(path)
+    if path.exists() or not _looks_like_dataset_id(data):
+        files = list_images(path.expanduser())
+        _check_readable(files, data)
         return files, None, f"image folder {data!r}: {len(files)} images"
     try:
         from datasets import load_dataset
@@ -364,7 +411,9 @@ def open_source(data: str | None, split: str = "train", streaming: bool = False)
     except DataSourceError:
         raise
     except Exception as e:  # the datasets library raises many types; the message is what the user needs
-        raise DataSourceError(f"cannot load dataset {data!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataSourceError(f"no folder {data!r} here, and the Hugging Face dataset {data!r} cannot be loaded: "
+                              f"{reason}") from None
     if len(ds) == 0:
         raise DataSourceError(f"dataset {data!r} is empty")
     return ds, _hf_image_column(ds), f"Hugging Face dataset {data!r} ({split}): {len(ds)} images"

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .atomic import write_atomic
 
-__all__ = ["labelled_grid", "save_png", "to_pil"]
+__all__ = ["labelled_grid", "save_png", "save_sample_grid", "to_pil"]
 
 BACKGROUND = (255, 255, 255)
 INK = (20, 20, 20)
@@ -105,3 +105,27 @@ def labelled_grid(
             if image is not None:
                 canvas.paste(_fit(image, tile), (xs[j], y))
     return canvas
+
+
+def save_sample_grid(model, images: torch.Tensor, mask: torch.Tensor, path: str | os.PathLike) -> Path:
+    """Training samples: rows of (masked input | prediction blended into the context | original), written atomically.
+
+    Args:
+        model: a :class:`~ce_pretrain.ContextEncoder` (put in eval mode for the prediction, then restored).
+        images: ``[B, 3, H, W]`` in [0, 1].
+        mask: bool ``[B, 1, H, W]``; an empty mask (the autoencoder) shows the whole reconstruction.
+        path: the PNG to write.
+    """
+    from torchvision.utils import make_grid
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        pred = model(images, mask).float()
+        filled = model.paste(pred.clamp(0, 1), images, mask if mask.any() else None)
+    model.train(was_training)
+    masked = torch.where(mask, model.mean.to(images.dtype), images)
+    rows = torch.stack([masked, filled, images], 1).flatten(0, 1)  # [3B, 3, H, W]: triplets side by side
+    grid = make_grid(rows.clamp(0, 1).cpu(), nrow=6 if len(images) > 1 else 3, padding=2, pad_value=1.0)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return save_png(to_pil(grid), path)

@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
 from .data import IMAGE_EXTENSIONS as IMAGE_SUFFIXES
-from .data import DataSourceError, load_rgb
+from .data import DataSourceError, ImageReadError, load_rgb
 from .data import list_images as _list_images
-from .masks import MASK_KINDS, make_masks
+from .masks import MASK_KINDS
 from .model import ContextEncoder
 
 __all__ = [
@@ -40,30 +39,13 @@ __all__ = [
 ]
 
 
-class ImageReadError(ValueError):
-    """An image or mask file is missing, unreadable or unusable."""
-
-
-def _open_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open any PIL-readable file as upright 8-bit RGB (:func:`ce_pretrain.data.load_rgb`), with a one-line error."""
-    try:
-        return load_rgb(path)
-    except FileNotFoundError as e:
-        raise ImageReadError(f"no such file: {str(path)!r}") from e
-    except IsADirectoryError as e:
-        raise ImageReadError(f"{str(path)!r} is a folder, not an image") from e
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ImageReadError(f"cannot read image {str(path)!r}: {reason}") from e
-
-
 def load_image(path: str | os.PathLike) -> torch.Tensor:
     """Read an image file of any mode (grayscale, RGBA, CMYK, palette, 16-bit) as RGB floats ``[3, H, W]`` in [0, 1].
 
     Raises:
         ImageReadError: the file is missing or not a readable image.
     """
-    array = np.asarray(_open_rgb(path), dtype=np.uint8)
+    array = np.asarray(load_rgb(path), dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
 
 
@@ -77,7 +59,7 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int]) -> torch.Tensor:
     Raises:
         ImageReadError: unreadable, of another size than ``size``, or with no hole at all.
     """
-    mask = torch.from_numpy(np.asarray(_open_rgb(path)).max(axis=-1) > 127).unsqueeze(0)
+    mask = torch.from_numpy(np.asarray(load_rgb(path)).max(axis=-1) > 127).unsqueeze(0)
     if tuple(mask.shape[-2:]) != tuple(size):
         raise ImageReadError(f"mask {str(path)!r} is {mask.shape[-1]}×{mask.shape[-2]} px but the image is "
                              f"{size[1]}×{size[0]} px; they must be the same size")
@@ -120,15 +102,11 @@ def load_folder(folder: str | os.PathLike, size: int, limit: int | None = None) 
 def model_masks(
     model: ContextEncoder, kind: str, batch: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Masks of a built-in kind at the model's resolution: bool ``[B, 1, S, S]``.
-
-    ``"center"`` uses the model's ``overlap`` (the inpainting preset's 7 px band lies outside the hole).
-    """
+    """Masks of a built-in kind at the model's resolution, drawn by the model's own :attr:`~ContextEncoder.mask_rule`
+    (a central hole keeps the overlap band the inpainting preset was trained with): bool ``[B, 1, S, S]``."""
     if kind not in MASK_KINDS:
         raise ValueError(f"unknown mask kind {kind!r}; choose one of {', '.join(MASK_KINDS)} or a mask image")
-    s = model.image_size
-    overlap = model.overlap if model.pred_size < model.image_size else 0
-    return make_masks(kind, batch, s, s, generator=generator, overlap=overlap if kind == "center" else 0)
+    return model.mask_rule.sample(batch, generator, kind=kind)
 
 
 def _check_hole_inside_prediction(model: ContextEncoder, mask: torch.Tensor) -> None:

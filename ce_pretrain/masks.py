@@ -19,9 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MASK_KINDS", "ShapeBank", "make_masks", "mask_coverage"]
+__all__ = ["MASK_KINDS", "TRAIN_MASK_KINDS", "MaskRule", "ShapeBank", "make_masks", "mask_coverage"]
 
 MASK_KINDS = ("center", "random-block", "random-region")
+# "none": no pixel dropped, the paper's autoencoder baseline (Table 2); the loss then covers the whole image
+TRAIN_MASK_KINDS = (*MASK_KINDS, "none")
 REGION_SOURCES = ("procedural", "noise")
 MAX_COVERAGE = 0.25
 
@@ -189,7 +191,8 @@ class ShapeBank:
         return field + inside * 0.5 - (1 - inside) * 0.5
 
     @classmethod
-    def from_folder(cls, folder: str | Path, size: int = 64, min_pixels: int = 64, limit: int | None = None) -> ShapeBank:
+    def from_folder(cls, folder: str | Path, size: int = 64, min_pixels: int = 64,
+                    limit: int | None = None) -> ShapeBank:
         """Load every object of every PNG/BMP mask in ``folder`` (recursively).
 
         Each distinct label other than 0 (background) and 255 (void) is one object, as in VOC's
@@ -316,3 +319,51 @@ def make_masks(
     else:
         raise ValueError(f"unknown region source {source!r}; use 'procedural', 'noise' or a ShapeBank")
     return _lowest(field, drawn)
+
+
+class MaskRule:
+    """How a model's masks are drawn and weighted: the one rule shared by training and inference.
+
+    The kind and the overlap come from the model's config (``ContextEncoder(mask=..., overlap=...)``), so a model
+    loaded from the Hub draws the masks it was trained with. The overlap applies only to central holes of a model
+    that predicts the central square (the inpainting preset's 7 px band of context around the hole); the loss
+    weighs that band ``overlap_weight`` times.
+
+    Args:
+        kind: one of :data:`TRAIN_MASK_KINDS`.
+        image_size: side of the square images.
+        overlap: px of context around a central hole covered by the prediction (0 for full-image predictions).
+        source: random-region shapes (``"procedural"``, ``"noise"`` or a :class:`ShapeBank`).
+        overlap_weight: weight of the overlap band in the reconstruction loss (§5.1: 10).
+    """
+
+    def __init__(self, kind: str, image_size: int, overlap: int = 0, source: str | ShapeBank = "procedural",
+                 overlap_weight: float = 10.0):
+        if kind not in TRAIN_MASK_KINDS:
+            raise ValueError(f"unknown mask kind {kind!r}; choose one of {', '.join(TRAIN_MASK_KINDS)}")
+        self.kind, self.image_size, self.source, self.overlap_weight = kind, image_size, source, overlap_weight
+        self.overlap = overlap
+
+    def sample(self, batch: int, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None, kind: str | None = None) -> torch.Tensor:
+        """Masks for a batch, bool ``[B, 1, S, S]`` (True = dropped); ``kind`` overrides the rule's kind."""
+        kind = kind or self.kind
+        s = self.image_size
+        if kind == "none":
+            if device is None:
+                device = generator.device if generator is not None else "cpu"
+            return torch.zeros(batch, 1, s, s, dtype=torch.bool, device=device)
+        return make_masks(kind, batch, s, s, generator=generator, device=device, source=self.source,
+                          overlap=self.overlap if kind == "center" else 0)
+
+    def weights(self, mask: torch.Tensor) -> torch.Tensor:
+        """Per-pixel reconstruction weights ``[B, 1, H, W]``: the hole (and its overlap band), or everything for
+        the autoencoder (``"none"``)."""
+        from .losses import loss_weights
+
+        if self.kind == "none":
+            return torch.ones_like(mask, dtype=torch.float)
+        return loss_weights(mask, self.overlap, self.overlap_weight)
+
+    def __repr__(self) -> str:
+        return f"MaskRule(kind={self.kind!r}, image_size={self.image_size}, overlap={self.overlap})"

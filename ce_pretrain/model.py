@@ -15,6 +15,7 @@ from torch import nn
 
 from . import backbones as _backbones  # noqa: F401  (registers alexnet, alexnet_poolfree, dcgan_encoder)
 from .layers import ChannelWiseFC, UpConvDecoder, dcgan_init_, num_upconvs
+from .masks import TRAIN_MASK_KINDS, MaskRule
 from .weights import IncompatibleCheckpointError, load_state_dict_strict
 
 __all__ = ["ContextEncoder", "IncompatibleCheckpointError", "UnknownBackboneError", "resolve_backbone_name"]
@@ -90,7 +91,8 @@ class ContextEncoder(
 
     Args:
         backbone: any timm architecture name (``"alexnet"``, ``"resnet50"``, ``"convnext_atto"``...).
-        image_size: side of the square input.
+        image_size: side of the square input; ``None``: the backbone's own (timm's ``pretrained_cfg['input_size']``:
+            227 for AlexNet, 128 for the DCGAN encoder, 224 for most ImageNet models), 227 when timm names none.
         pred_size: side of the central predicted square; ``None`` predicts the whole image.
         overlap: context band (px) covered by the prediction around a central hole (§5.1: 7).
         bottleneck: ``"channel-fc"`` or ``"fc"``.
@@ -101,12 +103,15 @@ class ContextEncoder(
         std: per-channel dataset std in [0, 1].
         pretrained_backbone: start from timm's pretrained weights (downloads; the paper trains from scratch).
         backbone_kwargs: extra keyword arguments for ``timm.create_model`` (e.g. ``drop_path_rate``).
+        mask: the mask kind the model is trained with (``"center"``, ``"random-block"``, ``"random-region"``, or
+            ``"none"`` for the autoencoder baseline); stored in ``config.json`` so inference draws the same masks
+            (:attr:`mask_rule`). ``None``: centre holes for a centre prediction, random regions otherwise.
     """
 
     def __init__(
         self,
         backbone: str = "alexnet",
-        image_size: int = 227,
+        image_size: int | None = None,
         pred_size: int | None = None,
         overlap: int = 0,
         bottleneck: str = "channel-fc",
@@ -117,19 +122,32 @@ class ContextEncoder(
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
         pretrained_backbone: bool = False,
         backbone_kwargs: dict | None = None,
+        mask: str | None = None,
     ):
         super().__init__()
         resolve_backbone_name(backbone)
+        if image_size is None:
+            from .config import default_image_size
+
+            image_size = default_image_size(backbone, 227)
         if bottleneck not in BOTTLENECKS:
             raise ValueError(f"bottleneck must be one of {BOTTLENECKS}, got {bottleneck!r}")
         if pred_size is not None and not 0 < pred_size <= image_size:
             raise ValueError(f"pred_size must be in 1..image_size={image_size}, got {pred_size}")
         if len(mean) != 3 or len(std) != 3:
             raise ValueError("mean and std need one value per RGB channel")
+        if mask is not None and mask not in TRAIN_MASK_KINDS:
+            raise ValueError(f"mask must be one of {', '.join(TRAIN_MASK_KINDS)}, got {mask!r}")
+        self._config = dict(backbone=backbone, image_size=image_size, pred_size=pred_size, overlap=overlap,
+                            bottleneck=bottleneck, bottleneck_dim=bottleneck_dim, dropout=dropout,
+                            decoder_channels=None if decoder_channels is None else list(decoder_channels),
+                            mean=tuple(mean), std=tuple(std), pretrained_backbone=pretrained_backbone,
+                            backbone_kwargs=backbone_kwargs, mask=mask)
         self.backbone_name = backbone
         self.image_size = image_size
         self.pred_size = pred_size or image_size
         self.overlap = overlap
+        self.mask_kind = mask or ("center" if self.pred_size < image_size else "random-region")
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float).view(1, 3, 1, 1), persistent=False)
 
@@ -177,7 +195,7 @@ class ContextEncoder(
         ``ContextEncoder(**model.config)`` builds the same architecture; defaults are filled in, so a config
         written by an older version still names every argument.
         """
-        return dict(self._hub_mixin_config or {})
+        return dict(self._config)
 
     # ----------------------------------------------------------------------------------------------- pipeline
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -219,6 +237,11 @@ class ContextEncoder(
         top, left, h, w = self.pred_box
         return x[..., top: top + h, left: left + w]
 
+    @property
+    def mask_rule(self) -> MaskRule:
+        """The masks this model was trained with (kind and overlap band), for training and inference alike."""
+        return MaskRule(self.mask_kind, self.image_size, self.overlap if self.pred_size < self.image_size else 0)
+
     def paste(self, pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Put the prediction back into the images; with a mask, only dropped pixels change: ``[B, 3, H, W]``."""
         top, left, h, w = self.pred_box
@@ -243,6 +266,42 @@ class ContextEncoder(
                                  f"got {list(mask.shape)}")
 
     # ------------------------------------------------------------------------------------------ Hub loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> ContextEncoder:
+        """Load a model from a ``save_pretrained`` folder or a Hugging Face Hub repository id (``owner/name``).
+
+        A reference that is no folder is tried on the Hub only if it is shaped like a repository id; every failure
+        is one line that says which of the two was meant.
+
+        Raises:
+            FileNotFoundError: no such folder (and no such Hub model), or a folder without ``config.json`` /
+                ``model.safetensors``.
+            IncompatibleCheckpointError: the weights do not fit the config, or the weights file is unreadable
+                (truncated, not safetensors); the file is named.
+        """
+        ref = str(pretrained_model_name_or_path)
+        path = Path(ref).expanduser()
+        if path.is_dir():
+            if not (path / constants.CONFIG_NAME).is_file():
+                raise FileNotFoundError(f"folder {ref!r} has no {constants.CONFIG_NAME}: it is not a model written "
+                                        "by save_pretrained (or ce_pretrain/train.py's --output-dir)")
+            if not (path / constants.SAFETENSORS_SINGLE_FILE).is_file():  # before building a model for nothing
+                raise FileNotFoundError(f"folder {ref!r} has no {constants.SAFETENSORS_SINGLE_FILE}; is it a "
+                                        "directory written by save_pretrained?")
+            return super().from_pretrained(str(path), **kwargs)
+        if path.exists():
+            raise FileNotFoundError(f"{ref!r} is a file; pass the folder written by save_pretrained")
+        if not _looks_like_repo_id(ref):
+            raise FileNotFoundError(f"no such folder: {ref!r}")
+        try:
+            return super().from_pretrained(ref, **kwargs)
+        except IncompatibleCheckpointError:
+            raise
+        except Exception as e:  # huggingface_hub raises many types (offline, not found, gated, HTTP)
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FileNotFoundError(f"no such folder: {ref!r}, and no Hugging Face Hub model of that name could be "
+                                    f"loaded ({reason})") from e
+
     @classmethod
     def _from_pretrained(
         cls,
@@ -279,9 +338,15 @@ class ContextEncoder(
         Raises:
             IncompatibleCheckpointError: naming the tensors that do not fit this architecture.
         """
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path), device=map_location)
+        try:
+            state = load_file(str(path), device=map_location)
+        except (SafetensorError, OSError, ValueError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise IncompatibleCheckpointError(f"cannot read weights file {str(path)!r}: {reason} (truncated, or not "
+                                              "a safetensors file)") from e
         load_state_dict_strict(self, state, f"checkpoint {str(path)!r}", strict=strict)
 
     # ------------------------------------------------------------------------------------------- model card
@@ -296,3 +361,10 @@ class ContextEncoder(
 
         return ModelCard(render_model_card(self.config, training, evaluation, model_id=repo_id,
                                            num_parameters=sum(p.numel() for p in self.parameters())))
+
+
+def _looks_like_repo_id(ref: str) -> bool:
+    """``owner/name`` as the Hub spells repositories; paths (``./x``, ``/x``, ``~/x``, ``a/b/c``) are not."""
+    owner, _, name = ref.partition("/")
+    ok = all(part and part[0] not in ".-~" and all(c.isalnum() or c in "-_." for c in part) for part in (owner, name))
+    return ok and ref.count("/") == 1

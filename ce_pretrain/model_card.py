@@ -4,8 +4,7 @@
 (library name, tags, license, datasets, metrics, pipeline tag) and the sections of a Hugging Face card (details,
 intended uses, training data and procedure, evaluation, limitations, how to load), filled from the model's
 configuration, the training run's flags and statistics, and the Table 1 numbers of ``ce-pretrain evaluate`` when
-known. The template is :data:`TEMPLATE`; ``model_cards/TEMPLATE.md`` in the repository is a copy kept identical by
-the tests, so it can be read and edited there.
+known. The template is :data:`TEMPLATE`, read from ``ce_pretrain/model_card_template.md``.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ import json
 import math
 import os
 import re
+from importlib import resources
 from pathlib import Path
 from string import Template
 
@@ -31,94 +31,8 @@ METRICS = ["mae", "mse", "psnr"]
 # keys under which a training run may name its data (the training script's flags, or a caller's own dict)
 DATA_KEYS = ("datasets", "dataset", "data", "hf_dataset", "train_data")
 
-TEMPLATE = """---
-$front_matter
----
-
-# $title
-
-A **context encoder** (Pathak et al., *Context Encoders: Feature Learning by Inpainting*, CVPR 2016,
-[arXiv:1604.07379]($paper_url)): a convolutional network trained to fill in a region dropped from an image, given
-only its surroundings. Doing so well needs an understanding of the whole image, so the encoder learns features
-that transfer to classification, detection and segmentation. Trained with ce-pretrain, which packages the
-objective as a pretraining head over any [timm](https://github.com/huggingface/pytorch-image-models) backbone.
-
-## Model details
-
-$details
-
-## Intended uses
-
-- **Pretraining**: take the encoder (exported in timm's own layout with `ce_pretrain.export.save_timm_encoder`)
-  as the initialisation of a classifier, detector or segmenter and fine-tune it, re-initialising the
-  fully-connected layers (§5.2 of the paper).
-- **Inpainting**: fill a hole in a photograph from its context (`ce-pretrain inpaint`), best at the
-  kind of images and the mask shapes it was trained on.
-- **Feature analysis**: nearest neighbours of a hole from its context (`ce-pretrain neighbors`, the paper's Fig. 8).
-
-Out of scope: restoring or inventing content that others will take as real (faces, documents, evidence); the
-predicted pixels are a plausible guess, not a recovery.
-
-## Training data
-
-$training_data
-
-## Training procedure
-
-$training_procedure
-
-## Evaluation
-
-$evaluation
-
-## Limitations
-
-- With the reconstruction (L2) loss alone the predicted pixels are blurry: the loss rewards the mean of the
-  plausible fills (§3.2). The adversarial term sharpens them at the cost of coherence.
-- The model sees images at $image_size×$image_size px; `ce-pretrain inpaint` resizes any image to that size and
-  pastes the filled hole back at full resolution, so large images get a soft fill.
-- The hole is filled with the dataset mean before encoding; holes much larger than those seen in training
-  (at most a quarter of the image) or of another kind (centre square, random blocks, random regions) fill worse.
-- Features reflect the training images: a model pretrained on a small or narrow set transfers less well, and
-  inherits that set's biases.
-
-## How to load
-
-```python
-from ce_pretrain import ContextEncoder
-
-model = ContextEncoder.from_pretrained("$model_id")  # a Hub repository or a local folder; loads strictly
-# images [B, 3, $image_size, $image_size] in [0, 1]; mask bool [B, 1, $image_size, $image_size], True = dropped
-pred = model(images, mask)  # the predicted pixels, in [0, 1]
-```
-
-The encoder alone, as a timm model (after `ce_pretrain.export.save_timm_encoder(model, "encoder/")`):
-
-```python
-import timm, ce_pretrain  # ce_pretrain registers the paper's encoders (alexnet, dcgan_encoder) in timm
-
-encoder = timm.create_model("local-dir:encoder/", pretrained=True)  # or "hf-hub:<repo>" once pushed
-```
-
-From the command line:
-
-```bash
-ce-pretrain inpaint --model $model_id photo.jpg --out filled/
-ce-pretrain evaluate --model $model_id --data held_out/ --pool other_images/ --json eval.json
-```
-
-## Citation
-
-```bibtex
-@inproceedings{pathak2016context,
-  title     = {Context Encoders: Feature Learning by Inpainting},
-  author    = {Pathak, Deepak and Kr{\\"a}henb{\\"u}hl, Philipp and Donahue, Jeff and Darrell, Trevor
-               and Efros, Alexei A.},
-  booktitle = {Computer Vision and Pattern Recognition (CVPR)},
-  year      = {2016}
-}
-```
-"""
+# the Hugging Face card with `$placeholders`; shipped inside the package, edited in this one file
+TEMPLATE = (resources.files(__package__) / "model_card_template.md").read_text(encoding="utf-8")
 
 
 def _hub_dataset_id(value: object) -> str | None:

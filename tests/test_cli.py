@@ -12,7 +12,7 @@ from ce_pretrain import ContextEncoder
 from ce_pretrain.cli import main
 
 ARGS = dict(backbone="dcgan_encoder", image_size=64, backbone_kwargs=dict(width=8))
-COMMANDS = ["inpaint", "evaluate", "neighbors", "card", "export"]
+COMMANDS = ["train", "inpaint", "evaluate", "neighbors", "card", "export"]
 
 
 def gradient(h: int, w: int, seed: int) -> np.ndarray:
@@ -52,9 +52,8 @@ def assert_one_line_error(code: int, err: str, *words: str) -> None:
 
 
 def test_help_lists_the_subcommands():
-    exe = shutil.which("ce-pretrain")
-    cmd = [exe] if exe else [sys.executable, "-c", "import sys; from ce_pretrain.cli import main; sys.exit(main())"]
-    done = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "ce_pretrain", "--help"], capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0
     for name in COMMANDS:
         assert name in done.stdout
@@ -190,3 +189,18 @@ def test_argument_errors_exit_2():
     with pytest.raises(SystemExit) as info:
         main(["inpaint", "--out", "x"])
     assert info.value.code == 2
+
+
+def test_train_subcommand_is_the_training_script(capsys):
+    from ce_pretrain.train import main as train_main
+
+    assert main(["train", "--max-steps", "0"]) == 2
+    via_cli = capsys.readouterr().err.strip()
+    assert train_main(["--max-steps", "0"], prog="ce-pretrain train") == 2
+    expected = "ce-pretrain train: error: --max-steps must be at least 1, got 0"
+    assert via_cli == capsys.readouterr().err.strip() == expected
+
+
+def test_python_dash_m_runs_the_command():
+    done = subprocess.run([sys.executable, "-m", "ce_pretrain", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "train" in done.stdout and "inpaint" in done.stdout

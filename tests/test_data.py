@@ -5,8 +5,16 @@ import pytest
 import torch
 from PIL import Image
 
-from ce_pretrain.data import (DataSourceError, EpochSampler, ImageDataset, collate, list_images, load_rgb,
-                              open_source, sample_images)
+from ce_pretrain.data import (
+    DataSourceError,
+    EpochSampler,
+    ImageDataset,
+    collate,
+    list_images,
+    load_rgb,
+    open_source,
+    sample_images,
+)
 
 
 def test_builtin_sample_is_real_photographs():

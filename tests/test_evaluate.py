@@ -5,7 +5,15 @@ import torch
 
 from ce_pretrain import ContextEncoder
 from ce_pretrain.evaluate import (
-    MEAN, MODEL, NN_HOG, NN_OURS, context_nearest_neighbors, encoder_features, evaluate, hog_features, mean_fill,
+    MEAN,
+    MODEL,
+    NN_HOG,
+    NN_OURS,
+    context_nearest_neighbors,
+    encoder_features,
+    evaluate,
+    hog_features,
+    mean_fill,
 )
 from ce_pretrain.inpaint import fill_holes, hole_errors, model_masks
 

@@ -75,3 +75,37 @@ def test_unknown_repo_offline_fails_without_network():
     with pytest.raises(Exception) as info:
         ContextEncoder.from_pretrained("nobody/no-such-context-encoder")
     assert "offline" in str(info.value).lower() or "cannot find" in str(info.value).lower()
+
+
+def test_config_is_public_and_rebuilds_the_architecture(trained):
+    model, path = trained
+    assert ContextEncoder(**model.config).state_dict().keys() == model.state_dict().keys()
+    assert json.loads((path / "config.json").read_text())["backbone"] == model.config["backbone"]
+
+
+def test_mask_rule_travels_with_the_model(tmp_path):
+    model = ContextEncoder(backbone="resnet18", image_size=64, mask="random-block")
+    model.save_pretrained(tmp_path / "m")
+    loaded = ContextEncoder.from_pretrained(str(tmp_path / "m"))
+    assert loaded.mask_rule.kind == "random-block"
+    g1, g2 = (torch.Generator().manual_seed(3) for _ in range(2))
+    assert torch.equal(model.mask_rule.sample(4, g1), loaded.mask_rule.sample(4, g2))
+    # no mask in the config (older models): centre holes for a centre prediction, random regions otherwise
+    centre = ContextEncoder(backbone="dcgan_encoder", image_size=128, pred_size=64, overlap=7, bottleneck="fc")
+    assert (centre.mask_rule.kind, centre.mask_rule.overlap) == ("center", 7)
+    assert ContextEncoder(backbone="resnet18", image_size=64).mask_rule.kind == "random-region"
+    with pytest.raises(ValueError, match="mask must be one of"):
+        ContextEncoder(backbone="resnet18", image_size=64, mask="squares")
+
+
+def test_strict_loader_names_every_problem():
+    from torch import nn
+
+    from ce_pretrain.weights import load_state_dict_strict
+
+    layer = nn.Linear(3, 2)
+    state = {"weight": torch.zeros(2, 4), "extra": torch.zeros(1)}
+    with pytest.raises(IncompatibleCheckpointError, match=r"1 missing \(bias\); 1 unexpected \(extra\); 1 of another"):
+        load_state_dict_strict(layer, state, "test state")
+    load_state_dict_strict(layer, {"weight": torch.ones(2, 3), "bias": torch.ones(2)}, "ok")
+    assert torch.equal(layer.weight, torch.ones(2, 3))

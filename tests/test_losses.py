@@ -3,8 +3,15 @@ import math
 import pytest
 import torch
 
-from ce_pretrain import (Discriminator, ReconstructionLoss, discriminator_loss, generator_adversarial_loss, joint_loss,
-                         loss_weights, make_masks)
+from ce_pretrain import (
+    Discriminator,
+    ReconstructionLoss,
+    discriminator_loss,
+    generator_adversarial_loss,
+    joint_loss,
+    loss_weights,
+    make_masks,
+)
 
 
 def test_overlap_band_weights_match_the_inpainting_preset():

@@ -21,14 +21,16 @@ def model():
     return ContextEncoder(**ARGS)
 
 
-def test_template_file_is_the_packaged_template():
-    path = Path(__file__).resolve().parents[1] / "model_cards" / "TEMPLATE.md"
-    assert path.read_text(encoding="utf-8") == TEMPLATE
+def test_template_ships_in_the_package_and_has_every_placeholder():
+    from importlib import resources
+
+    text = (resources.files("ce_pretrain") / "model_card_template.md").read_text(encoding="utf-8")
+    assert text == TEMPLATE and text.startswith("---\n$front_matter\n---")
 
 
 def test_front_matter_is_valid_hub_metadata(model):
     training = {"data": "frgfm/imagenette", "steps": 1000, "lr": 1e-3, "mask": "random-region"}
-    card = ModelCard(render_model_card(dict(model._hub_mixin_config), training, EVALUATION))
+    card = ModelCard(render_model_card(model.config, training, EVALUATION))
     data = card.data.to_dict()
     assert data["library_name"] == "ce-pretrain" and data["license"] == "mit"
     assert data["pipeline_tag"] == "image-feature-extraction"
@@ -39,14 +41,14 @@ def test_front_matter_is_valid_hub_metadata(model):
 
 
 def test_local_data_paths_stay_out_of_the_datasets_field(model, tmp_path):
-    text = render_model_card(dict(model._hub_mixin_config), {"data": str(tmp_path)})
+    text = render_model_card(model.config, {"data": str(tmp_path)})
     assert "datasets" not in ModelCard(text).data.to_dict()
     assert str(tmp_path) in text  # but the card still says what it was trained on
 
 
 def test_body_has_every_section_and_the_numbers(model):
     training = {"data": "frgfm/imagenette", "steps": 1000, "lr": 1e-3}
-    text = render_model_card(dict(model._hub_mixin_config), training, EVALUATION, model_id="me/ce")
+    text = render_model_card(model.config, training, EVALUATION, model_id="me/ce")
     positions = [text.index(s) for s in SECTIONS]
     assert positions == sorted(positions)
     assert "$" not in text  # every placeholder filled
@@ -58,7 +60,7 @@ def test_body_has_every_section_and_the_numbers(model):
 
 
 def test_unknown_training_and_evaluation_are_said_so(model):
-    text = render_model_card(dict(model._hub_mixin_config))
+    text = render_model_card(model.config)
     assert "Not evaluated yet" in text and "not recorded" in text
 
 

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from ce_pretrain import ContextEncoder
-from ce_pretrain.train import latest_checkpoint, main
+from ce_pretrain.checkpoint import latest_checkpoint
+from ce_pretrain.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "ce_pretrain" / "train.py")
@@ -104,7 +105,7 @@ def test_bad_flags_stop_at_once_with_one_line(args, message, tmp_path, capsys):
     out = tmp_path / "never"
     assert main([*args, "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1 and err.startswith("train.py: error:")
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("ce_pretrain/train.py: error:")
     assert not out.exists()  # nothing was built or written
 
 
@@ -145,8 +146,8 @@ def test_divergence_is_detected_and_reported(image_folder, tmp_path):
 def test_two_process_ddp_on_cpu(image_folder, tmp_path):
     out = tmp_path / "ddp"
     run("--data", str(image_folder), "--output-dir", str(out), "--max-steps", "3", *TINY,
-        launcher=("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                  "--mixed_precision", "no", "--dynamo_backend", "no"))
+        launcher=(sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"))
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 3
     # each process drew its own images: 3 steps × 4 images × 2 processes
@@ -162,3 +163,18 @@ def test_streamed_dataset_trains(image_folder, tmp_path):
     proc = run("--data", str(tmp_path / "saved"), "--streaming", "--output-dir", str(out), "--max-steps", "4", *TINY)
     assert "streamed" in proc.stdout
     assert json.loads((out / "train_summary.json").read_text())["steps"] == 4
+
+
+@pytest.mark.slow
+def test_two_processes_agree_when_to_stop(image_folder, tmp_path):
+    """--max-time under DDP: the ranks' clocks differ, the all-reduce every STOP_SYNC_EVERY steps makes them stop
+    after the same step (a rank stopping alone would hang the other in its next collective)."""
+    from ce_pretrain.engine import STOP_SYNC_EVERY
+
+    out = tmp_path / "ddp"
+    run("--data", str(image_folder), "--output-dir", str(out), "--max-steps", "100000", "--max-time", "1", *TINY,
+        launcher=(sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"))
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["stopped"] == "--max-time" and summary["steps"] == STOP_SYNC_EVERY
+    assert latest_checkpoint(out).name == f"step_{STOP_SYNC_EVERY:08d}"

@@ -1,5 +1,7 @@
 """transfer.classification: fine-tuning, 10-crop testing, per-class AP, linear probe, on a synthetic VOC."""
 
+import re
+
 import pytest
 import torch
 
@@ -30,12 +32,13 @@ def test_masked_bce_ignores_difficult_labels():
 def test_end_to_end(setup, tmp_path, probe):
     model_dir, data = setup
     result = run(ClassificationConfig(model=str(model_dir), data_root=str(data), max_steps=2, batch_size=4,
-                                      test_crops=2, workers=0, linear_probe=probe, output=str(tmp_path / "r.json")))
+                                      test_crops=2, num_workers=0, linear_probe=probe, output_dir=str(tmp_path)))
     assert result["steps"] == 2 and result["test_images"] == 4
     assert set(result["per_class_AP"]) == set(VOC_CLASSES)
     present = [a for a in result["per_class_AP"].values() if a is not None]
     assert present and all(0 <= a <= 100 for a in present) and 0 <= result["mAP"] <= 100
-    assert (tmp_path / "r.json").is_file()
+    assert (tmp_path / "results.json").is_file() and (tmp_path / "logs/classification/metrics.csv").is_file()
+    assert not (tmp_path / "checkpoints").exists()  # a finished run keeps no resumable state
 
 
 def test_linear_probe_trains_only_the_linear_layer(setup):
@@ -46,8 +49,32 @@ def test_linear_probe_trains_only_the_linear_layer(setup):
     assert not probe.features.training
 
 
-def test_cli_errors_are_one_line(setup, tmp_path, capsys):
-    with pytest.raises(SystemExit, match="^error: --data-root .* does not exist$"):
-        main(["--model", str(setup[0]), "--data-root", str(tmp_path / "none")])
-    with pytest.raises(SystemExit, match="^error: checkpoint"):
-        main(["--model", str(tmp_path / "none"), "--data-root", str(setup[1])])
+PROG = "python -m transfer.classification.train"
+
+
+def test_cli_errors_are_one_line_exit_2_before_any_work(setup, tmp_path, capsys):
+    model, data = str(setup[0]), str(setup[1])
+    (tmp_path / "file").write_text("")
+    out = ["--output-dir", str(tmp_path / "out")]
+    cases = [
+        (["--model", model, "--data-root", str(tmp_path / "none"), *out], "--data-root .* does not exist"),
+        (["--model", str(tmp_path / "none"), "--data-root", data, *out], "checkpoint"),
+        (["--model", model, "--data-root", data, "--max-steps", "0", *out], "--max-steps must be at least 1, got 0"),
+        (["--model", model, "--data-root", data, "--output-dir", str(tmp_path / "file" / "sub")], "not writable"),
+    ]
+    for argv, pattern in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.match(f"^{PROG}: error: .*{pattern}", err), err
+
+
+def test_missing_annotation_reported_up_front(setup, tmp_path, capsys):
+    data = make_synthetic_voc(tmp_path / "voc", num_images=4, size=32)
+    ids = (data / "VOC2007/ImageSets/Main/trainval.txt").read_text().split()
+    (data / "VOC2007/Annotations" / f"{ids[1]}.xml").unlink()
+    argv = ["--model", str(setup[0]), "--data-root", str(data), "--output-dir", str(tmp_path / "out"),
+            "--num-workers", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"Annotations/{ids[1]}.xml" in err and "1 of 4 ids lack a file" in err
+    assert not (tmp_path / "out" / "logs").exists()  # refused before training started

@@ -1,5 +1,8 @@
 """transfer.torchvision_det / torchvision_seg: the run-anywhere detection and segmentation transfer."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -8,10 +11,12 @@ from transfer.common import VOCDetection, VOCSegmentation, load_encoder
 from transfer.common.synthetic_voc import make_synthetic_voc
 from transfer.torchvision_det.model import build_faster_rcnn
 from transfer.torchvision_det.train import DetectionConfig, evaluate
+from transfer.torchvision_det.train import main as det_main
 from transfer.torchvision_det.train import run as run_det
 from transfer.torchvision_seg.model import build_fcn
 from transfer.torchvision_seg.train import SegmentationConfig, _PairTransform
 from transfer.torchvision_seg.train import evaluate as evaluate_seg
+from transfer.torchvision_seg.train import main as seg_main
 from transfer.torchvision_seg.train import run as run_seg
 
 
@@ -57,10 +62,10 @@ def test_oracle_detector_scores_full_map(setup):
     assert evaluate(Oracle(), dataset)["mAP"] == pytest.approx(100.0)
 
 
-def test_detection_end_to_end(setup):
+def test_detection_end_to_end(setup, tmp_path):
     model_dir, data = setup
     result = run_det(DetectionConfig(model=str(model_dir), data_root=str(data), max_steps=2, min_size=64,
-                                     max_size=96, workers=0))
+                                     max_size=96, num_workers=0, output_dir=str(tmp_path)))
     assert result["steps"] == 2 and 0 <= result["mAP"] <= 100 and result["test_images"] == 3
 
 
@@ -89,8 +94,34 @@ def test_oracle_segmenter_scores_full_miou(setup):
     assert evaluate_seg(Oracle(), dataset)["mIoU"] == pytest.approx(100.0)
 
 
-def test_segmentation_end_to_end(setup):
+def test_segmentation_end_to_end(setup, tmp_path):
     model_dir, data = setup
     result = run_seg(SegmentationConfig(model=str(model_dir), data_root=str(data), year=2007, train_split="train",
-                                        test_split="val", max_steps=2, batch_size=2, workers=0))
+                                        test_split="val", max_steps=2, batch_size=2, num_workers=0,
+                                        output_dir=str(tmp_path)))
     assert result["steps"] == 2 and 0 <= result["mIoU"] <= 100 and result["test_images"] == 3
+
+
+def test_entry_points_run_from_any_directory_and_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "transfer.torchvision_seg.train", "--model", "random:resnet18",
+                           "--data-root", "nowhere", "--output-dir", "out"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == "python -m transfer.torchvision_seg.train: error: --data-root 'nowhere' does not exist\n"
+
+
+@pytest.mark.parametrize("entry", [det_main, seg_main])
+def test_bad_input_found_before_training(setup, tmp_path, capsys, entry):
+    model, data = str(setup[0]), str(setup[1])
+    split = ["--year", "2007", "--train-split", "train", "--test-split", "val"]
+    assert entry(["--model", model, "--data-root", data, *split, "--max-steps", "0",
+                  "--output-dir", str(tmp_path / "a")]) == 2
+    assert "--max-steps must be at least 1, got 0" in capsys.readouterr().err
+    broken = make_synthetic_voc(tmp_path / "voc", num_images=4, size=32)
+    ids = (broken / "VOC2007/ImageSets/Segmentation/train.txt").read_text().split()
+    (broken / "VOC2007/Annotations" / f"{ids[0]}.xml").unlink()
+    for folder in ("SegmentationClass", "SegmentationClassAug"):
+        (broken / "VOC2007" / folder / f"{ids[0]}.png").unlink(missing_ok=True)
+    assert entry(["--model", model, "--data-root", str(broken), *split, "--output-dir", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 of 2 ids lack a file" in err and ids[0] in err

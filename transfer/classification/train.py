@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -24,9 +24,8 @@ from accelerate.utils import set_seed
 from torch import nn
 from torchvision.transforms import v2 as T
 
-from transfer.common import VOC_CLASSES, VOCClassification, load_encoder
+from transfer.common import VOC_CLASSES, VOCClassification, cli, load_encoder
 from transfer.common.checkpoint import EncoderCheckpoint
-from transfer.common.cli import add_common_args, check_output_dir, check_positive, run_main
 from transfer.common.engine import EngineConfig, Task, fit
 from transfer.common.features import TimmFeatures
 from transfer.common.voc import holdout_split, read_split, resolve_voc_dir
@@ -36,7 +35,7 @@ __all__ = ["ClassificationConfig", "run"]
 
 
 @dataclass
-class ClassificationConfig:
+class ClassificationConfig(cli.RunFlags):
     """Flags of the entry point (see ``--help``)."""
 
     model: str
@@ -55,14 +54,6 @@ class ClassificationConfig:
     lr: float = 3e-4
     weight_decay: float = 1e-4
     test_crops: int = 10
-    num_workers: int = 2
-    seed: int = 0
-    mixed_precision: str | None = None
-    resume: str | None = None
-    overwrite: bool = False
-    max_time: float | None = None
-    log_with: list[str] = field(default_factory=lambda: ["csv"])
-    checkpoint_every: int = 1000
 
 
 def _splits(cfg: ClassificationConfig) -> tuple[list[str], list[str]]:
@@ -142,13 +133,13 @@ def evaluate(model: nn.Module, dataset: VOCClassification, crops: int, batch_siz
 def run(cfg: ClassificationConfig) -> dict:
     """Train and evaluate; returns ``{"mAP", "per_class_AP", "steps", ...}`` (APs in percent), also written to
     ``<output_dir>/results.json``."""
-    check_positive(max_steps=cfg.max_steps, epochs=cfg.epochs, batch_size=cfg.batch_size, test_crops=cfg.test_crops,
+    cli.check_positive(max_steps=cfg.max_steps, epochs=cfg.epochs, batch_size=cfg.batch_size, test_crops=cfg.test_crops,
                    probe_grid=cfg.probe_grid)
-    check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
+    cli.check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
     set_seed(cfg.seed)
+    train_ids, test_ids = _splits(cfg)
     ckpt = load_encoder(cfg.model, cfg.image_size)
     size = cfg.image_size or ckpt.image_size
-    train_ids, test_ids = _splits(cfg)
     train_tf, test_tf = _transforms(ckpt, size)
     train_set = VOCClassification(cfg.data_root, cfg.year, ids=train_ids, transform=train_tf)
     test_set = VOCClassification(cfg.data_root, cfg.year, ids=test_ids, transform=test_tf)
@@ -177,23 +168,13 @@ def run(cfg: ClassificationConfig) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m transfer.classification.train", description=__doc__.split("\n\n")[0])
-    add_common_args(p, output_dir=ClassificationConfig.output_dir)
-    p.add_argument("--data-root", required=True, help="VOCdevkit folder (or VOC<year> itself)")
-    p.add_argument("--year", type=int, default=2007)
-    p.add_argument("--train-split", default="trainval")
-    p.add_argument("--test-split", default="test")
-    p.add_argument("--holdout", type=float, default=0.0,
-                   help="test on this fraction held out of --train-split instead of --test-split")
+    cli.add_common_args(p, output_dir=ClassificationConfig.output_dir)
+    cli.add_voc_args(p, year=2007, train_split="trainval", test_split="test")
     p.add_argument("--image-size", type=int, help="crop size (default: the pretraining size)")
     p.add_argument("--linear-probe", action="store_true", help="freeze the encoder, train a linear layer")
     p.add_argument("--probe-grid", type=int, default=2, help="linear probe: average-pool the map to grid²")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per process per step")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--test-crops", type=int, default=10)
-    p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between resumable checkpoints")
+    cli.add_training_args(p, epochs=30, batch_size=32, lr=3e-4)
     return p
 
 
@@ -209,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({result['steps']} steps, {result['test_images']} test images); {cfg.output_dir}/results.json")
             print("  " + "  ".join(f"{c} {a:.1f}" for c, a in result["per_class_AP"].items() if a is not None))
 
-    return run_main(parser, report, argv)
+    return cli.run_main(parser, report, argv)
 
 
 if __name__ == "__main__":

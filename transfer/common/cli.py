@@ -31,13 +31,17 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
     "EXIT_USAGE",
+    "RunFlags",
     "RunInterrupted",
     "UsageError",
     "add_common_args",
+    "add_training_args",
+    "add_voc_args",
     "check_output_dir",
     "check_positive",
     "parse_duration",
@@ -50,7 +54,7 @@ COMMON_FLAGS = ("model", "output_dir", "overwrite", "num_workers", "mixed_precis
 _DURATION = re.compile(r"(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?(?:(?P<s>\d+(?:\.\d+)?)s?)?")
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """Bad input from the command line: one line on stderr, exit status 2."""
 
 
@@ -145,6 +149,48 @@ def add_common_args(parser: argparse.ArgumentParser, *, output_dir: str | None =
     return parser
 
 
+@dataclass(kw_only=True)
+class RunFlags:
+    """How a transfer run executes: the fields of :func:`add_common_args` and ``--checkpoint-every`` that every
+    task's config shares (a task adds ``model``, ``output_dir`` and its own fields)."""
+
+    num_workers: int = 2
+    seed: int = 0
+    mixed_precision: str | None = None
+    resume: str | None = None
+    overwrite: bool = False
+    max_time: float | None = None
+    log_with: list[str] = field(default_factory=lambda: ["csv"])
+    checkpoint_every: int = 1000
+
+
+def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float,
+                      weight_decay: float = 1e-4) -> argparse.ArgumentParser:
+    """Add ``--epochs``, ``--max-steps``, ``--batch-size``, ``--lr``, ``--weight-decay`` and ``--checkpoint-every``
+    with the task's defaults."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="images per process per step")
+    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--weight-decay", type=float, default=weight_decay)
+    g.add_argument("--checkpoint-every", type=int, default=1000, help="steps between resumable checkpoints")
+    return parser
+
+
+def add_voc_args(parser: argparse.ArgumentParser, *, year: int, train_split: str,
+                 test_split: str) -> argparse.ArgumentParser:
+    """Add ``--data-root``, ``--year``, ``--train-split``, ``--test-split`` and ``--holdout`` (PASCAL VOC data)."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data-root", required=True, help="VOCdevkit folder (or VOC<year> itself)")
+    g.add_argument("--year", type=int, default=year)
+    g.add_argument("--train-split", default=train_split)
+    g.add_argument("--test-split", default=test_split)
+    g.add_argument("--holdout", type=float, default=0.0,
+                   help="test on this fraction held out of --train-split instead of --test-split")
+    return parser
+
+
 def check_positive(**values: float | None) -> None:
     """Raise :class:`UsageError` naming the first flag whose value is given and below 1.
 
@@ -196,7 +242,7 @@ def run_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace]
 
     Args:
         parser: the entry point's parser (its ``prog`` starts each error line).
-        run: does the work; returns an exit code or None (0).
+        run: does the work; returns an exit code, or anything else (None, results) for 0.
         argv: arguments (default ``sys.argv[1:]``).
         errors: more exception types that mean bad input (exit 2); :class:`UsageError`,
             ``transfer.common.CheckpointError`` and ``VOCLayoutError`` always do.
@@ -209,12 +255,14 @@ def run_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace]
 
     args = parser.parse_args(argv)  # argparse itself exits 2 on unknown or malformed flags
     try:
-        return run(args) or 0
+        status = run(args)
+        return status if isinstance(status, int) else 0
     except (UsageError, CheckpointError, VOCLayoutError, *errors) as err:
         print(f"{parser.prog}: error: {_first_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     except RunInterrupted as stop:
-        print(f"{parser.prog}: {stop}", file=sys.stderr)
+        if str(stop):
+            print(f"{parser.prog}: {stop}", file=sys.stderr)
         return stop.exit_code
     except KeyboardInterrupt:  # before or after the training loop, which handles SIGINT itself
         print(f"{parser.prog}: interrupted", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Semantic-segmentation confusion matrix and the VOC mean IoU over it."""
+"""Semantic-segmentation confusion matrix and the per-class IoU over it (VOC's mIoU is their NaN-mean)."""
 
 from __future__ import annotations
 
@@ -37,10 +37,6 @@ class ConfusionMatrix:
         tp = m.diag()
         union = m.sum(0) + m.sum(1) - tp
         return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan"))).numpy()
-
-    def mean_iou(self) -> float:
-        """Mean IoU over the classes present in prediction or ground truth."""
-        return float(np.nanmean(self.iou()))
 
     def pixel_accuracy(self) -> float:
         return float(self.matrix.diag().sum() / self.matrix.sum().clamp(min=1))

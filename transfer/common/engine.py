@@ -39,14 +39,12 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,6 +54,7 @@ from ce_pretrain.atomic import write_text_atomic
 from .cli import RunInterrupted, UsageError, check_output_dir, check_positive
 from .sampler import ResumableRandomSampler
 from .snapshot import CHECKPOINTS, latest_checkpoint, load_snapshot, restore_generators, save_snapshot
+from .stopping import StopFlag, should_stop
 
 __all__ = ["EngineConfig", "Task", "TrainingDiverged", "fit"]
 
@@ -147,48 +146,27 @@ class EngineConfig:
         return cls(**{**{k: v for k, v in vars(flags).items() if k in names}, **overrides})
 
 
-class _Stop:
-    """SIGINT / SIGTERM set a flag the loop reads after each step; a second signal exits at once."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> Self:
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.signum is not None:  # files are written atomically: leaving mid-write corrupts nothing
-            print(f"\n{signal.Signals(signum).name} again: exiting now without saving", file=sys.stderr, flush=True)
-            os._exit(128 + signum)
-        self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint (again to exit "
-              "now)", file=sys.stderr, flush=True)
-
-
 def _accelerator(cfg: EngineConfig, out: Path, task_name: str):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
 
-    from ce_pretrain.train import CSVTracker
+    from ce_pretrain.tracking import CSVTracker
 
     # the precision is process-wide state in accelerate; a new run in the same process may ask for another one
     AcceleratorState._reset_state()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun-style launch: without GPUs, DDP on gloo
     trackers = [CSVTracker(task_name, out / "logs") if n == "csv" else n for n in cfg.log_with]
     try:
-        return Accelerator(cpu=cfg.cpu or (distributed and not torch.cuda.is_available()),
-                           mixed_precision=cfg.mixed_precision, log_with=trackers or None,
-                           project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+        accelerator = Accelerator(
+            cpu=cfg.cpu or (distributed and not torch.cuda.is_available()), mixed_precision=cfg.mixed_precision,
+            log_with=trackers or None,
+            project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     except (ValueError, ImportError) as err:  # e.g. bf16 on a GPU without it, tensorboard not installed
         raise UsageError(str(err).splitlines()[0]) from None
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # accelerate would run fp32
+        raise UsageError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no")
+    return accelerator
 
 
 def _json_config(config: dict) -> dict:
@@ -201,6 +179,22 @@ def _check_same_run(saved: dict, config: dict, checkpoint: Path) -> None:
         k = differ[0]
         raise UsageError(f"checkpoint {str(checkpoint)!r} is of another run: --{k.replace('_', '-')} was "
                          f"{saved.get(k)!r}, now {config.get(k)!r} ({len(differ)} setting(s) differ)")
+
+
+def _finished_run(out: Path, config: dict) -> dict | None:
+    """The results of a finished run of this config in ``out`` (``--resume`` then has nothing to do), or None."""
+    results = out / "results.json"
+    if latest_checkpoint(out) is not None or not results.is_file():
+        return None
+    try:
+        previous = json.loads(results.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not (previous.get("complete") and isinstance(previous.get("config"), dict)):
+        return None
+    _check_same_run(previous["config"], config, results)
+    print(f"{results} holds the finished run; nothing to resume", file=sys.stderr)
+    return previous
 
 
 def fit(task: Task, cfg: EngineConfig) -> dict:
@@ -221,9 +215,12 @@ def fit(task: Task, cfg: EngineConfig) -> dict:
     check_positive(batch_size=task.batch_size, max_steps=task.max_steps, epochs=task.epochs,
                    log_every=cfg.log_every)
     out = check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
+    config = _json_config(task.config)
+    finished = _finished_run(out, config) if cfg.resume == "latest" else None
+    if finished is not None:
+        return finished
     accelerator = _accelerator(cfg, out, task.name)
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-    config = _json_config(task.config)
 
     sampler = ResumableRandomSampler(len(task.train_set), cfg.seed, rank, world)
     loader = torch.utils.data.DataLoader(
@@ -263,10 +260,16 @@ def fit(task: Task, cfg: EngineConfig) -> dict:
         accelerator.init_trackers(task.name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                      for k, v in config.items()})
     started, stop_reason = time.monotonic(), None
+    last_log = [started]  # when the last logged interval ended, for the image rate
     bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
                disable=not (cfg.progress and accelerator.is_local_main_process), desc=task.name)
 
     def snapshot() -> Path:
+        finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
+        if not bool(finite.item()):  # never save a broken model over the last good checkpoint
+            raise TrainingDiverged(f"{task.name}: the weights became NaN or infinite by step {step}; lower the "
+                                   "learning rate" + (" (the last checkpoint is still finite)"
+                                                      if latest_checkpoint(out) else ""))
         state = {"config": config, "epoch": epoch, "consumed": consumed, "epoch_seed": sampler.epoch_seed,
                  "logged_steps": logged_steps,
                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -276,17 +279,25 @@ def fit(task: Task, cfg: EngineConfig) -> dict:
 
     def log() -> None:
         nonlocal logged_steps
-        values = {k: v.item() / max(1, step - logged_steps) for k, v in sums.items()}  # the loop's one host sync
+        names = sorted(sums)
+        stacked = torch.stack([sums[k] for k in names])
+        if world > 1:  # the mean over processes, as one batch of world × batch_size would give
+            stacked = accelerator.reduce(stacked, "mean")
+        totals = stacked.tolist()  # the loop's one host sync
+        values = {k: t / max(1, step - logged_steps) for k, t in zip(names, totals)}
+        now = time.monotonic()
+        values["images_per_s"] = (step - logged_steps) * task.batch_size * world / max(now - last_log[0], 1e-9)
+        last_log[0] = now
         if not math.isfinite(values.get("loss", 0.0)):
             raise TrainingDiverged(f"{task.name}: the training loss became {values['loss']} by step {step}; "
                                    "lower the learning rate")
         values["lr"] = optimizer.param_groups[0]["lr"]
         accelerator.log(values, step=step)
-        bar.set_postfix(loss=f"{values['loss']:.4g}", refresh=False)
+        bar.set_postfix(loss=f"{values['loss']:.4g}", img_s=f"{values['images_per_s']:.1f}", refresh=False)
         sums.clear()
         logged_steps = step
 
-    with _Stop() as stop:
+    with StopFlag() as stop:
         model.train()
         while step < total and stop_reason is None:
             batches = iter(loader)  # draws the workers' seed from the global generator, as DataLoader does
@@ -313,7 +324,7 @@ def fit(task: Task, cfg: EngineConfig) -> dict:
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == total:
                     log()
-                stop_reason = None if step >= total else _stop_reason(
+                stop_reason = None if step >= total else should_stop(
                     stop, started, cfg.max_time, accelerator, sync=world == 1 or step % cfg.log_every == 0)
                 if step >= total or stop_reason:
                     break
@@ -323,7 +334,8 @@ def fit(task: Task, cfg: EngineConfig) -> dict:
                 epoch, consumed = epoch + 1, 0
                 sampler.epoch = epoch
         bar.close()
-        final_loss = recent[:min(step, _RECENT)].double().mean().item() if step else float("nan")
+        final = recent[:min(step, _RECENT)].double().mean() if step else torch.tensor(float("nan"), device=device)
+        final_loss = (accelerator.reduce(final, "mean") if world > 1 else final).item()
         results = {"config": config, "task": task.name, **task.info, "steps": step, "total_steps": total,
                    "final_loss": final_loss, "complete": stop_reason is None,
                    "mixed_precision": accelerator.mixed_precision, "num_processes": world, "device": str(device),
@@ -335,8 +347,8 @@ def fit(task: Task, cfg: EngineConfig) -> dict:
             accelerator.end_training()
             message = (f"{stop_reason} at step {step}/{total}: checkpoint {saved}, results so far in "
                        f"{out / 'results.json'}; to continue, rerun the same command with --resume")
-            if stop.signum is not None:
-                raise RunInterrupted(message, 128 + stop.signum)
+            if stop.signum is not None:  # every process exits with the signal's status; the main one says why
+                raise RunInterrupted(message if accelerator.is_main_process else "", 128 + stop.signum)
             accelerator.print(message)
             return results
     if accelerator.is_main_process:
@@ -347,20 +359,3 @@ def fit(task: Task, cfg: EngineConfig) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
-
-
-def _stop_reason(stop: _Stop, started: float, max_time: float | None, accelerator, sync: bool) -> str | None:
-    """Why to stop after this step, agreed by every process (they compare only at ``sync`` steps)."""
-    if not sync:
-        return None
-    local = 0
-    if stop.signum is not None:
-        local = stop.signum
-    elif max_time is not None and time.monotonic() - started >= max_time:
-        local = -1
-    if accelerator.num_processes > 1:
-        local = int(accelerator.reduce(torch.tensor([local], device=accelerator.device), "max").item())
-    if local > 0:
-        stop.signum = stop.signum or local
-        return f"stopped by {signal.Signals(local).name}"
-    return "stopped at --max-time" if local < 0 else None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .cli import UsageError
@@ -131,14 +132,14 @@ def load_snapshot(accelerator, checkpoint: Path, model: torch.nn.Module, optimiz
                          f"resume with the same number (now {accelerator.num_processes})")
     rank_file = checkpoint / f"rng-{accelerator.process_index}.safetensors"
     try:
-        missing, unexpected = load_model(model, str(checkpoint / "model.safetensors"), strict=False,
-                                         device=str(accelerator.device))
+        # read to the CPU, then copied into the parameters wherever they live
+        missing, unexpected = load_model(model, str(checkpoint / "model.safetensors"), strict=False, device="cpu")
         if missing or unexpected:
             raise UsageError(f"checkpoint {str(checkpoint)!r} does not fit the model: {len(missing)} missing, "
                              f"{len(unexpected)} unexpected tensors")
         optimizer.load_state_dict(_optimizer_join(load_file(str(checkpoint / "optimizer.safetensors")),
                                                   state["optimizer"]))
         rank_tensors = load_file(str(rank_file))
-    except (OSError, ValueError, RuntimeError) as err:  # missing, truncated or mismatched files
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # missing, truncated or mismatched files
         raise UsageError(f"cannot resume from {str(checkpoint)!r}: {str(err).splitlines()[0]}") from None
     return state, rank_tensors

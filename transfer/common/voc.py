@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .cli import UsageError
+
 __all__ = [
     "VOC_CLASSES",
     "VOCClassification",
@@ -73,7 +75,7 @@ def read_split(voc_dir: Path, task: str, split: str) -> list[str]:
 def holdout_split(ids: list[str], fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
     """Deterministically carve a held-out ``fraction`` of ``ids``: ``(train, held_out)``, both sorted."""
     if not 0 < fraction < 1:
-        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+        raise UsageError(f"--holdout must be a fraction between 0 and 1, got {fraction}")
     shuffled = sorted(ids)
     random.Random(seed).shuffle(shuffled)
     n = max(1, round(len(ids) * fraction))

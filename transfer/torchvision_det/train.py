@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from accelerate.utils import set_seed
 
-from transfer.common import VOC_CLASSES, VOCDetection, load_encoder
-from transfer.common.cli import add_common_args, check_output_dir, check_positive, run_main
+from transfer.common import VOC_CLASSES, VOCDetection, cli, load_encoder
 from transfer.common.engine import EngineConfig, Task, fit
 from transfer.common.voc import holdout_split, read_split, resolve_voc_dir
 from transfer.common.voc_ap import detection_ap
@@ -30,7 +29,7 @@ __all__ = ["DetectionConfig", "evaluate", "run"]
 
 
 @dataclass
-class DetectionConfig:
+class DetectionConfig(cli.RunFlags):
     """Flags of the entry point (see ``--help``)."""
 
     model: str
@@ -49,14 +48,6 @@ class DetectionConfig:
     lr: float = 0.01
     weight_decay: float = 1e-4
     output_dir: str = "runs/voc-detection"
-    num_workers: int = 2
-    seed: int = 0
-    mixed_precision: str | None = None
-    resume: str | None = None
-    overwrite: bool = False
-    max_time: float | None = None
-    log_with: list[str] = field(default_factory=lambda: ["csv"])
-    checkpoint_every: int = 1000
 
 
 def _flip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
@@ -99,11 +90,10 @@ def evaluate(model: torch.nn.Module, dataset: VOCDetection, num_workers: int = 0
 def run(cfg: DetectionConfig) -> dict:
     """Train and evaluate; returns ``{"mAP", "per_class_AP", "steps", ...}`` (APs in percent), also written to
     ``<output_dir>/results.json``."""
-    check_positive(max_steps=cfg.max_steps, epochs=cfg.epochs, batch_size=cfg.batch_size, min_size=cfg.min_size,
+    cli.check_positive(max_steps=cfg.max_steps, epochs=cfg.epochs, batch_size=cfg.batch_size, min_size=cfg.min_size,
                    max_size=cfg.max_size, test_proposals=cfg.test_proposals)
-    check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
+    cli.check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
     set_seed(cfg.seed)
-    ckpt = load_encoder(cfg.model)
     voc = resolve_voc_dir(cfg.data_root, cfg.year)
     if cfg.holdout:
         train_ids, test_ids = holdout_split(read_split(voc, "Main", cfg.train_split), cfg.holdout, cfg.seed)
@@ -114,6 +104,7 @@ def run(cfg: DetectionConfig) -> dict:
     train_set.check_files()
     test_set.check_files()
     train_set.ids = [i for i in train_set.ids if len(train_set.annotation(i).labels)]
+    ckpt = load_encoder(cfg.model)
     model = build_faster_rcnn(ckpt, len(VOC_CLASSES) + 1, cfg.fpn, cfg.min_size, cfg.max_size,
                               rpn_post_nms_top_n_test=cfg.test_proposals)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -139,25 +130,15 @@ def run(cfg: DetectionConfig) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m transfer.torchvision_det.train", description=__doc__.split("\n\n")[0])
-    add_common_args(p, output_dir=DetectionConfig.output_dir)
-    p.add_argument("--data-root", required=True, help="VOCdevkit folder (or VOC<year> itself)")
-    p.add_argument("--year", type=int, default=2007)
-    p.add_argument("--train-split", default="trainval")
-    p.add_argument("--test-split", default="test")
-    p.add_argument("--holdout", type=float, default=0.0,
-                   help="test on this fraction held out of --train-split instead of --test-split")
+    cli.add_common_args(p, output_dir=DetectionConfig.output_dir)
+    cli.add_voc_args(p, year=2007, train_split="trainval", test_split="test")
     p.add_argument("--fpn", action=argparse.BooleanOptionalAction, default=None,
                    help="multi-scale FPN (default: where a single stride-16 map would drop learned layers, e.g. "
                         "ResNets; not for AlexNet)")
     p.add_argument("--min-size", type=int, default=600)
     p.add_argument("--max-size", type=int, default=1000)
     p.add_argument("--test-proposals", type=int, default=1000, help="RPN proposals kept per test image")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=2, help="images per process per step")
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between resumable checkpoints")
+    cli.add_training_args(p, epochs=12, batch_size=2, lr=0.01)
     return p
 
 
@@ -172,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({result['steps']} steps, {result['test_images']} test images); {cfg.output_dir}/results.json")
             print("  " + "  ".join(f"{c} {a:.1f}" for c, a in result["per_class_AP"].items() if a is not None))
 
-    return run_main(build_parser(), report, argv)
+    return cli.run_main(build_parser(), report, argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -24,8 +24,7 @@ from torch.nn import functional as F
 from torchvision.transforms import v2 as T
 from torchvision.tv_tensors import Image, Mask
 
-from transfer.common import VOC_CLASSES, VOCSegmentation, load_encoder
-from transfer.common.cli import add_common_args, check_output_dir, check_positive, run_main
+from transfer.common import VOC_CLASSES, VOCSegmentation, cli, load_encoder
 from transfer.common.confusion import ConfusionMatrix
 from transfer.common.engine import EngineConfig, Task, fit
 from transfer.common.voc import IGNORE_INDEX, holdout_split, read_split, resolve_voc_dir
@@ -38,7 +37,7 @@ NUM_CLASSES = len(VOC_CLASSES) + 1
 
 
 @dataclass
-class SegmentationConfig:
+class SegmentationConfig(cli.RunFlags):
     """Flags of the entry point (see ``--help``)."""
 
     model: str
@@ -54,14 +53,6 @@ class SegmentationConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     output_dir: str = "runs/voc-segmentation"
-    num_workers: int = 2
-    seed: int = 0
-    mixed_precision: str | None = None
-    resume: str | None = None
-    overwrite: bool = False
-    max_time: float | None = None
-    log_with: list[str] = field(default_factory=lambda: ["csv"])
-    checkpoint_every: int = 1000
 
 
 class _PairTransform:
@@ -101,17 +92,17 @@ def evaluate(model: torch.nn.Module, dataset: VOCSegmentation, stride: int = 32,
 def run(cfg: SegmentationConfig) -> dict:
     """Train and evaluate; returns ``{"mIoU", "per_class_IoU", "steps", ...}`` (percent), also written to
     ``<output_dir>/results.json``."""
-    check_positive(max_steps=cfg.max_steps, epochs=cfg.epochs, batch_size=cfg.batch_size, crop_size=cfg.crop_size)
-    check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
+    cli.check_positive(max_steps=cfg.max_steps, epochs=cfg.epochs, batch_size=cfg.batch_size, crop_size=cfg.crop_size)
+    cli.check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
     set_seed(cfg.seed)
-    ckpt = load_encoder(cfg.model)
-    crop = cfg.crop_size or ckpt.image_size
     voc = resolve_voc_dir(cfg.data_root, cfg.year)
     if cfg.holdout:
         train_ids, test_ids = holdout_split(read_split(voc, "Segmentation", cfg.train_split), cfg.holdout, cfg.seed)
     else:
         train_ids = read_split(voc, "Segmentation", cfg.train_split)
         test_ids = read_split(voc, "Segmentation", cfg.test_split)
+    ckpt = load_encoder(cfg.model)
+    crop = cfg.crop_size or ckpt.image_size
     train_set = VOCSegmentation(cfg.data_root, cfg.year, ids=train_ids, transform=_PairTransform(crop))
     test_set = VOCSegmentation(cfg.data_root, cfg.year, ids=test_ids, transform=_PairTransform(None))
     train_set.check_files()
@@ -136,20 +127,10 @@ def run(cfg: SegmentationConfig) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m transfer.torchvision_seg.train", description=__doc__.split("\n\n")[0])
-    add_common_args(p, output_dir=SegmentationConfig.output_dir)
-    p.add_argument("--data-root", required=True, help="VOCdevkit folder (or VOC<year> itself)")
-    p.add_argument("--year", type=int, default=2012)
-    p.add_argument("--train-split", default="train_aug")
-    p.add_argument("--test-split", default="val")
-    p.add_argument("--holdout", type=float, default=0.0,
-                   help="test on this fraction held out of --train-split instead of --test-split")
+    cli.add_common_args(p, output_dir=SegmentationConfig.output_dir)
+    cli.add_voc_args(p, year=2012, train_split="train_aug", test_split="val")
     p.add_argument("--crop-size", type=int, help="training crop (default: the pretraining size)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per process per step")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between resumable checkpoints")
+    cli.add_training_args(p, epochs=30, batch_size=8, lr=1e-3)
     return p
 
 
@@ -163,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"FCN {result['backbone']}: VOC{cfg.year} segmentation mIoU {result['mIoU']:.1f} "
                   f"({result['steps']} steps, {result['test_images']} test images); {cfg.output_dir}/results.json")
 
-    return run_main(build_parser(), report, argv)
+    return cli.run_main(build_parser(), report, argv)
 
 
 if __name__ == "__main__":

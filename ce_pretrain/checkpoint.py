@@ -1,0 +1,299 @@
+"""A run is never lost: atomic resumable checkpoints, an output folder that is never clobbered, clean stops.
+
+* :func:`save_checkpoint` writes ``accelerator.save_state`` into a temporary folder renamed into place once
+  complete; our own progress (:class:`TrainState`) goes into its ``run.json`` as JSON, never into a pickle.
+* :func:`load_checkpoint` reads a checkpoint without unpickling anything that could run code: it refuses folders
+  holding pickles ce-pretrain never writes (accelerate's ``custom_checkpoint_*.pkl``, which accelerate loads with
+  ``weights_only=False``) and lets accelerate load the rest, which it does with ``torch.load(weights_only=True)``.
+* :func:`prepare_output_dir` refuses an output folder holding another run unless ``--resume`` or ``--overwrite``
+  says what to do with it, checks that it is writable, and takes a :class:`RunLock` against concurrent runs.
+* :class:`StopRequest` turns SIGINT / SIGTERM and ``--max-time`` into a stop at the end of the current step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+
+from .atomic import write_text_atomic
+from .config import ConfigError, TrainConfig
+
+__all__ = ["ARCHITECTURE_KEYS", "RunLock", "StopRequest", "TrainState", "check_resumable", "checkpoint_dir",
+           "latest_checkpoint", "load_checkpoint", "prepare_output_dir", "read_run_json", "save_checkpoint"]
+
+CHECKPOINT_PREFIX = "step_"
+LOCK_NAME = ".ce-pretrain.lock"
+# what a training run writes into --output-dir; --overwrite deletes exactly these
+RUN_OUTPUTS = ("checkpoints", "samples", "logs", "timm-encoder", "model.safetensors", "config.json", "README.md",
+               "train_summary.json")
+# files accelerate.save_state writes that it reads back with torch.load(weights_only=True) or safetensors
+_SAFE_STATE = re.compile(r"^(model(_\d+)?\.safetensors|(optimizer|scheduler|sampler|dl_state_dict)(_\d+)?\.bin|"
+                         r"pytorch_model(_\d+)?\.bin|scaler\.pt|random_states_\d+\.pkl|run\.json)$")
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """Newest complete checkpoint (temporary ones from a killed save are ignored)."""
+    root = checkpoint_dir(output_dir)
+    if not root.is_dir():
+        return None
+    done = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / "run.json").is_file()]
+    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+
+
+class TrainState:
+    """Progress that the checkpoint restores besides models, optimisers, scaler and RNGs (stored as JSON)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.skipped: set[str] = set()
+        self.nonfinite = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "skipped": sorted(self.skipped), "nonfinite": self.nonfinite}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.skipped, self.nonfinite = int(state["step"]), set(state["skipped"]), int(state["nonfinite"])
+
+
+def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainState) -> Path:
+    """``accelerator.save_state`` and ``run.json`` into a temporary folder, renamed into place only once complete.
+
+    A run killed at any moment (even ``kill -9`` mid-write) leaves the previous checkpoints intact; the oldest
+    are deleted only after the new one is in place.
+    """
+    root = checkpoint_dir(cfg.output_dir)
+    final = root / f"{CHECKPOINT_PREFIX}{state.step:08d}"
+    tmp = root / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        run = {"step": state.step, "state": state.state_dict(), "config": dataclasses.asdict(cfg)}
+        write_text_atomic(tmp / "run.json", json.dumps(run, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        kept = sorted((p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()),
+                      key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+        for old in kept[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_run_json(checkpoint: Path) -> dict:
+    """A checkpoint's ``run.json``, or one line saying why it cannot be used."""
+    path = Path(checkpoint) / "run.json"
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{str(checkpoint)!r} is not a checkpoint folder (no run.json)") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{str(path)!r} is corrupt ({str(e).splitlines()[0]}); resume from an older checkpoint "
+                          f"in {str(Path(checkpoint).parent)!r}") from None
+    if not isinstance(run, dict) or not isinstance(run.get("config"), dict) or not isinstance(run.get("step"), int):
+        raise ConfigError(f"{str(path)!r} is not a ce-pretrain run.json (no step or config)")
+    return run
+
+
+def _check_no_foreign_pickles(checkpoint: Path) -> None:
+    foreign = sorted(p.name for p in Path(checkpoint).iterdir() if p.is_file() and not _SAFE_STATE.match(p.name))
+    pickles = [n for n in foreign if n.endswith((".pkl", ".pickle", ".pt", ".pth", ".bin"))]
+    if pickles:
+        raise ConfigError(f"checkpoint {str(checkpoint)!r} holds {', '.join(pickles)}, which ce-pretrain never "
+                          "writes; refusing to unpickle it (a pickle can run any code)")
+
+
+def load_checkpoint(accelerator, checkpoint: Path, state: TrainState) -> None:
+    """Restore models, optimisers, scaler, RNGs and ``state`` without unpickling anything that can run code.
+
+    Raises:
+        ConfigError: a corrupt ``run.json``, a foreign pickle, or state files that cannot be read (named).
+    """
+    run = read_run_json(checkpoint)
+    _check_no_foreign_pickles(checkpoint)
+    try:
+        # every torch.load in accelerate's load_state defaults to weights_only=True; custom objects (the only
+        # weights_only=False path) are never registered, and their files were refused above
+        accelerator.load_state(str(checkpoint))
+    except Exception as e:  # safetensors, torch and accelerate raise assorted types for damaged files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot resume from {str(checkpoint)!r}: {reason} (a damaged checkpoint? resume from an "
+                          "older one by passing its folder to --resume)") from None
+    state.load_state_dict(run.get("state") or {"step": run["step"], "skipped": [], "nonfinite": 0})
+
+
+ARCHITECTURE_KEYS = ("backbone", "image_size", "pred_size", "overlap", "bottleneck", "batch_size",
+                     "gradient_accumulation_steps", "adversarial_weight", "mask", "seed", "data")
+
+
+def check_resumable(checkpoint: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume a checkpoint of a different run (other architecture, batch, data...), or one holding
+    pickles ce-pretrain never writes."""
+    saved = read_run_json(checkpoint)["config"]
+    _check_no_foreign_pickles(checkpoint)
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}" for k in ARCHITECTURE_KEYS
+            if saved.get(k) != getattr(cfg, k)]
+    if diff:
+        raise ConfigError(f"checkpoint {str(checkpoint)!r} belongs to another run ({'; '.join(diff)})")
+
+
+# ------------------------------------------------------------------------------------------- the output folder
+class RunLock:
+    """``<output-dir>/.ce-pretrain.lock``: one run at a time per folder; a lock whose process died is taken over.
+
+    The file holds the owner's pid and host; it is created with ``O_EXCL``, so of two runs started together
+    exactly one gets it.
+    """
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / LOCK_NAME
+        self.held = False
+
+    def acquire(self) -> RunLock:
+        me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and self._alive(owner):
+                    raise ConfigError(
+                        f"another run (pid {owner['pid']} on {owner['host']}) is writing to "
+                        f"{str(self.path.parent)!r}; wait for it, or pick another --output-dir (if that process is "
+                        f"gone, delete {str(self.path)!r})") from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self.held = True
+            return self
+        raise ConfigError(f"cannot take the lock {str(self.path)!r}: another run keeps taking it")
+
+    def _owner(self) -> dict | None:
+        try:
+            owner = json.loads(self.path.read_text())
+            return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
+        except (OSError, ValueError):
+            return None  # half-written or garbage: treated as stale
+
+    @staticmethod
+    def _alive(owner: dict) -> bool:
+        if owner.get("host") != socket.gethostname():
+            return True  # another machine's process cannot be checked from here
+        try:
+            os.kill(owner["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True  # exists, owned by someone else
+        return True
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Create ``folder`` if needed and write a probe file into it; one line if that fails (read-only, a file...)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{flag} {str(folder)!r} is not writable: {e.strerror or type(e).__name__}") from None
+
+
+def prepare_output_dir(cfg: TrainConfig) -> RunLock:
+    """Check ``cfg.output_dir`` before any work and lock it; returns the lock (call it on the main process only).
+
+    A folder holding files is refused unless ``cfg.resume`` continues its run or ``cfg.overwrite`` replaces it
+    (deleting the earlier run's outputs, its checkpoints first, so a later ``--resume`` cannot pick up the old run).
+
+    Raises:
+        ConfigError: a non-empty folder without --resume / --overwrite, an unwritable folder, or a locked one.
+    """
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output-dir {str(out)!r} exists and is not a folder")
+    existing = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []
+    if existing and not (cfg.resume or cfg.overwrite):
+        shown = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
+        raise ConfigError(f"--output-dir {str(out)!r} is not empty ({shown}); pass --resume to continue the run in "
+                          "it, --overwrite to replace it, or choose another --output-dir")
+    check_writable(out, "--output-dir")
+    lock = RunLock(out).acquire()
+    if cfg.overwrite:
+        for name in RUN_OUTPUTS:  # only what a run writes: the user's other files stay
+            target = out / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+    return lock
+
+
+# ---------------------------------------------------------------------------------------------------- stopping
+class StopRequest:
+    """SIGINT / SIGTERM and a time budget, turned into a stop at the end of the current step.
+
+    The first signal only sets :attr:`signal`; the loop finishes its step, saves a checkpoint and the model and
+    exits with 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM). A second signal exits at once: every
+    file is written to a temporary name and renamed, so at worst a temporary file is left, never a damaged one.
+
+    Use as a context manager around the run; handlers are restored on exit.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, max_time: float | None = None, start: float | None = None, log=print):
+        self.max_time, self.start, self.log = max_time, time.monotonic() if start is None else start, log
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: the caller handles signals
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, _frame) -> None:
+        if self.signal is not None:
+            os.write(2, f"\n{signal.Signals(signum).name} again: exiting now, without saving\n".encode())
+            os._exit(128 + signum)
+        self.signal = signum
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint and the "
+                    f"model (send it again to exit at once)\n".encode())
+
+    @property
+    def out_of_time(self) -> bool:
+        return self.max_time is not None and time.monotonic() - self.start >= self.max_time
+
+    def code(self) -> int:
+        """This process's wish: 0 = go on, 1 = time is up, 128 + N = signal N (the larger wins across ranks)."""
+        if self.signal is not None:
+            return 128 + self.signal
+        return 1 if self.out_of_time else 0

@@ -1,0 +1,157 @@
+"""transfer.imagefolder: folders and splits, the kNN and linear probes, fine-tuning and the entry point, on CPU."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from transfer.imagefolder.data import ImageFolderError, scan, stratified_split
+from transfer.imagefolder.probes import (
+    classification_metrics,
+    fit_linear,
+    knn_scores,
+    pool_grid,
+    select_weight_decay,
+)
+from transfer.imagefolder.train import ImageFolderConfig, main, run
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These problems are tiny: on a shared 2-core machine a second thread costs more in waiting than it saves."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
+
+
+def _folder(root, per_class=6, seed=0, classes=COLOURS):
+    """One sub-folder per class; each class a colour with noise and a random bright square: learnable, not trivial."""
+    rng = np.random.default_rng(seed)
+    for name, colour in classes.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            img = np.clip(np.array(colour) + rng.normal(0, 40, (72, 80, 3)), 0, 255)
+            x, y = rng.integers(0, 50, 2)
+            img[y:y + 20, x:x + 20] = rng.integers(150, 255, 3)
+            Image.fromarray(img.astype(np.uint8)).save(root / name / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    base = tmp_path_factory.mktemp("imagefolder")
+    swapped = {"red": COLOURS["blue"], "green": COLOURS["green"], "blue": COLOURS["red"]}  # mislabelled on purpose
+    return _folder(base / "train", 8, 0), _folder(base / "val", 3, 1), _folder(base / "val2", 3, 2, swapped)
+
+
+def _cfg(train, val, mode, **kw):
+    return ImageFolderConfig(model="random:alexnet", train=str(train), val=str(val), mode=mode, image_size=67,
+                             batch_size=8, num_workers=0, weight_decays=[1e-3, 1.0], **kw)
+
+
+def test_scan_and_stratified_split(folders):
+    samples, classes = scan(folders[0])
+    assert classes == ["blue", "green", "red"] and len(samples) == 24
+    rest, held = stratified_split(samples, 0.25, seed=3)
+    assert sorted(rest + held) == sorted(samples) and not set(rest) & set(held)
+    assert [sum(1 for _, y in held if y == c) for c in range(3)] == [2, 2, 2]
+    assert stratified_split(samples, 0.25, seed=3) == (rest, held)
+    assert stratified_split(samples, 0.25, seed=4)[1] != held
+
+
+def test_val_with_an_unknown_class_is_refused(tmp_path, folders):
+    _folder(tmp_path / "v", 1, classes={"purple": (120, 0, 120)})
+    with pytest.raises(ImageFolderError, match="purple"):
+        scan(tmp_path / "v", ["blue", "green", "red"])
+
+
+def test_knn_is_a_temperature_weighted_cosine_vote():
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 2])
+    query = torch.tensor([[1.0, 0.05], [0.1, 1.0]])
+    scores = knn_scores(train, labels, query, num_classes=3, k=2, temperature=0.07)
+    assert scores.argmax(1).tolist() == [0, 1]
+    sims = torch.nn.functional.normalize(train, dim=1) @ torch.nn.functional.normalize(query[1], dim=0)
+    top = sims.topk(2)
+    expected = torch.zeros(3).index_add_(0, labels[top.indices], (top.values / 0.07).exp())
+    torch.testing.assert_close(scores[1], expected)
+    assert (scores[0, 2] == 0) and (scores[0] > 0).sum() == 1  # only the k nearest vote
+
+
+def test_linear_probe_weight_decay_shrinks_and_is_chosen_on_held_out_data():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 5, generator=gen)
+    y = (x[:, 0] > 0).long()
+    weak, strong = fit_linear(x, y, 2, 1e-4), fit_linear(x, y, 2, 10.0)
+    assert strong.weight.norm() < weak.weight.norm() / 5
+    assert (weak(x).argmax(1) == y).float().mean() == 1
+    held = torch.randn(30, 5, generator=gen)
+    best, acc = select_weight_decay(x, y, held, (held[:, 0] > 0).long(), 2, grid=[1e-4, 1e3])
+    assert best == 1e-4 and acc[1e-4] > acc[1e3]
+
+
+def test_metrics_top5_and_per_class():
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.5, 0.3], [0.6, 0.3, 0.1]])
+    m = classification_metrics(scores, torch.tensor([0, 2, 1]), ["a", "b", "c"])
+    assert m["top1"] == pytest.approx(100 / 3) and m["top5"] == 100  # top-5 of 3 classes: all
+    assert m["per_class"] == {"a": 100.0, "b": 0.0, "c": 0.0}
+
+
+def test_pool_grid_targets_about_9k_values():
+    assert [c * pool_grid(c, 27) ** 2 for c in (96, 256, 384)] == [9600, 9216, 9600]
+    assert pool_grid(256, 3) == 3  # never more cells than the map has
+
+
+def test_knn_mode_end_to_end_writes_results(folders, tmp_path):
+    out = tmp_path / "knn"
+    result = run(_cfg(folders[0], folders[1], "knn", output_dir=str(out)))
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["top1"] == result["top1"] and set(saved["per_class"]) == {"blue", "green", "red"}
+    assert list(saved["stages"]) == ["features.1", "features.5", "features.9", "features.11", "features.13",
+                                     "features.14"]
+    assert saved["stage"] in saved["stages"] and saved["val_images"] == 9
+    assert saved["top1"] > 60  # colours separate even with random features; chance is 33 %
+
+
+def test_linear_mode_never_looks_at_the_validation_images(folders, tmp_path):
+    """The weight decay and the reported stage come from the training folder: another val set changes neither."""
+    a = run(_cfg(folders[0], folders[1], "linear", output_dir=str(tmp_path / "a")))
+    b = run(_cfg(folders[0], folders[2], "linear", output_dir=str(tmp_path / "b")))
+    for stage in a["stages"]:
+        assert a["stages"][stage]["selection"] == b["stages"][stage]["selection"]
+    assert a["stage"] == b["stage"]
+    assert a["top1"] > 60 and b["top1"] < a["top1"]  # the val sets do differ, and val scores follow them
+
+
+def test_holdout_of_one_folder_and_rescale(folders, tmp_path):
+    result = run(ImageFolderConfig(model="random:alexnet", train=str(folders[0]), holdout=0.25, mode="knn",
+                                   image_size=67, batch_size=8, num_workers=0, rescale=True, rescale_images=8,
+                                   output_dir=str(tmp_path / "h")))
+    assert result["train_images"] == 18 and result["val_images"] == 6
+    assert result["rescale"]["layers"][0] == "features.0"
+
+
+@pytest.mark.slow
+def test_finetune_mode_trains_and_reports(folders, tmp_path):
+    out = tmp_path / "ft"
+    result = run(_cfg(folders[0], folders[1], "finetune", output_dir=str(out), max_steps=4, lr=1e-3))
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["steps"] == 4 and saved["mode"] == "finetune"
+    assert 0 <= saved["top1"] <= 100 and set(saved["per_class"]) == {"blue", "green", "red"}
+    assert np.isfinite(result["final_loss"])
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, folders, capsys):
+    out = ["--output-dir", str(tmp_path / "out")]
+    assert main(["--model", "random:alexnet", "--train", str(tmp_path / "none"), "--holdout", "0.2", *out]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err
+    assert main(["--model", "random:alexnet", "--train", str(folders[0]), "--holdout", "0.2", "--image-size",
+                 "32", "--num-workers", "0", *out]) == 2
+    assert "too small" in capsys.readouterr().err
