@@ -40,6 +40,40 @@ def test_summary_shows_numpy_metrics():
 
 
 @pytest.fixture(scope="module")
+def mm_config_voc(tmp_path_factory):
+    """For the config side, which needs mmseg's registry and mmengine but not mmcv's compiled ops."""
+    pytest.importorskip("mmseg", reason="mmsegmentation is not installed")
+    return make_synthetic_voc(tmp_path_factory.mktemp("mmcfg"), num_images=8, size=64, year=2012)
+
+
+def test_mmseg_config_without_val_holdout_and_cfg_options(mm_config_voc, ce_dir, tmp_path, capsys):
+    from transfer.mmseg.train import build_config, main, parse_args
+
+    root = tmp_path / "data"
+    shutil.copytree(mm_config_voc, root)
+    cfg = build_config(parse_args(_argv(ce_dir, root, tmp_path / "a")))
+    # the test split is VOC's val split: no validation loop evaluates it a second time
+    assert cfg.val_dataloader is None and cfg.val_cfg is None and cfg.val_evaluator is None
+    assert cfg.test_dataloader.dataset.ann_file == "ImageSets/Segmentation/val.txt"
+    (root / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").unlink()
+    assert main(_argv(ce_dir, root, tmp_path / "b")) == 2
+    ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("python -m transfer.")]
+    assert len(ours) == 1 and ours[0].startswith("python -m transfer.mmseg.train: error: ") and "--holdout" in ours[0]
+    # --cfg-options are applied before the splits are checked
+    cfg = build_config(parse_args([*_argv(ce_dir, root, tmp_path / "c"),
+                                   "test_dataloader.dataset.ann_file=ImageSets/Segmentation/trainval.txt"]))
+    assert cfg.test_dataloader.dataset.ann_file.endswith("trainval.txt")
+    cfg = build_config(parse_args(_argv(ce_dir, root, tmp_path / "d", "--holdout", "0.5")))
+    splits = tmp_path / "d" / "splits"
+    held, fit = (splits / "holdout.txt").read_text().split(), (splits / "0_train_fit.txt").read_text().split()
+    assert len(held) == 2 and sorted(held + fit) == sorted((root / "VOC2012/ImageSets/Segmentation/train.txt")
+                                                           .read_text().split())
+    assert not set(held) & set((splits / "1_aug_fit.txt").read_text().split())
+    test = cfg.test_dataloader.dataset
+    assert test.ann_file == str(splits / "holdout.txt") and test.data_prefix["seg_map_path"] == "SegmentationClass"
+
+
+@pytest.fixture(scope="module")
 def mm_voc(tmp_path_factory):
     pytest.importorskip("mmseg", reason="mmsegmentation is not installed")
     try:
@@ -97,23 +131,13 @@ def test_mmseg_train_evaluates_once_and_prints_miou(mm_voc, ce_dir, tmp_path, mo
     assert summary.startswith("aAcc ") and 0 <= float(summary.split("mIoU ")[1].split()[0]) <= 100
 
 
-def test_mmseg_holdout_on_a_folder_without_val(mm_voc, ce_dir, tmp_path, monkeypatch, capsys):
-    from transfer.mmseg.train import build_config, main, parse_args
+def test_mmseg_holdout_trains_and_tests_once(mm_voc, ce_dir, tmp_path, monkeypatch, capsys):
+    from transfer.mmseg.train import main
 
     root = tmp_path / "data"
     shutil.copytree(mm_voc, root)
     (root / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").unlink()
-    assert main(_argv(ce_dir, root, tmp_path / "a")) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("python -m transfer.mmseg.train: error: ") and "--holdout" in err and err.count("\n") == 1
-    # --cfg-options are applied before the splits are checked
-    cfg = build_config(parse_args([*_argv(ce_dir, root, tmp_path / "b"),
-                                   "test_dataloader.dataset.ann_file=ImageSets/Segmentation/trainval.txt"]))
-    assert cfg.test_dataloader.dataset.ann_file.endswith("trainval.txt")
     calls = _count_metric_runs(monkeypatch)
-    assert main(_argv(ce_dir, root, tmp_path / "c", "--holdout", "0.5")) == 0
-    held = (tmp_path / "c" / "splits" / "holdout.txt").read_text().split()
-    fit = (tmp_path / "c" / "splits" / "0_train_fit.txt").read_text().split()
-    assert len(held) == 2 and len(fit) == 2 and not set(held) & set(fit) and calls == [2]
-    assert not set(held) & set((tmp_path / "c" / "splits" / "1_aug_fit.txt").read_text().split())
+    assert main(_argv(ce_dir, root, tmp_path / "out", "--holdout", "0.5")) == 0
+    assert calls == [2]  # the 2 held-out images, once
     assert "mIoU" in capsys.readouterr().out.strip().splitlines()[-1]
