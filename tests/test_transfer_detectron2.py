@@ -89,6 +89,18 @@ def test_convert_cli_bad_model_is_one_line_exit_2(tmp_path, capsys):
     assert err.startswith("python -m transfer.detectron2.convert: error: ") and err.count("\n") == 1
 
 
+def test_train_net_without_detectron2_is_one_line_exit_2():
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("detectron2") is not None:
+        pytest.skip("detectron2 is installed: the command runs")
+    done = subprocess.run([sys.executable, "-m", "transfer.detectron2.train_net", "--help"], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "detectron2" in done.stderr
+
+
 def _strip_optional_fields(voc):
     """Annotations as the shared VOC2012 subset has them: no pose, truncated or difficult."""
     for xml in (voc / "Annotations").glob("*.xml"):

@@ -20,6 +20,15 @@ import sys
 from pathlib import Path
 
 import torch
+
+try:
+    import detectron2  # noqa: F401
+except ImportError as err:
+    if __name__ == "__main__":  # a command, not a library import: one line, as for any other bad setup
+        print(f"python -m transfer.detectron2.train_net: error: {err}; detectron2 builds from source "
+              "(docs/transfer.md)", file=sys.stderr)
+        sys.exit(2)
+    raise
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.pascal_voc import register_pascal_voc

@@ -163,6 +163,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Bad input (flags, data, weights, config): one line on stderr, exit status 2, before any training."""
+    try:
+        import mmcv.ops  # noqa: F401  (mmseg's models import them; mmcv-lite lacks them)
+        import mmseg  # noqa: F401
+    except ImportError as err:
+        print(f"python -m transfer.mmseg.train: error: {err}; install mmsegmentation and mmcv with its ops "
+              "(docs/transfer.md)", file=sys.stderr)
+        return 2
 
     def checked_run(args: argparse.Namespace) -> None:
         try:
