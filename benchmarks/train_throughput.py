@@ -1,13 +1,18 @@
 """Training throughput, peak memory and model FLOPs utilisation of ce-pretrain's training step.
 
-    python benchmarks/train_throughput.py                                  # presets + a few backbones, fp32 & bf16
-    python benchmarks/train_throughput.py --configs inpainting:dcgan_encoder --precision fp32 bf16 \\
-        --port-dir /path/to/context_encoder_pytorch                       # also time BoyuanJiang's port
+    python benchmarks/train_throughput.py --port-dir /path/to/context_encoder_pytorch   # every device found
+    python benchmarks/train_throughput.py --devices cpu --configs inpainting:dcgan_encoder:64 --precision fp32
 
-For each configuration (``preset:backbone``) and precision, in a fresh process so peak memory is its own:
+On every device it finds (the CPU, and a CUDA GPU when there is one) it times that device's plan: on a GPU the
+issue-11 targets (inpainting at batch 64 and 256, AlexNet features at 256, ResNet-50 at 224 px), on the CPU the
+inpainting preset and AlexNet at batch 64 (a few minutes on two cores); ``--port-dir`` times the port on the same
+device, and each device's inpainting rows print their ratio to it. Precisions: fp32, plus bf16 where this device
+runs a bf16 matmul at least as fast as fp32 (a GPU; on CPUs only those with native bf16 — torch 2.14's CPU bf16 can
+be ~50× slower than fp32). For each configuration (``preset:backbone:batch``) and precision, in a fresh process so
+peak memory is its own:
 
-* ``compute``: ms/step and images/s of the real training step (``objective.ContextEncoderObjective``: forward, losses, backward,
-  optimiser(s)) on in-memory tensors with precomputed masks — data excluded;
+* ``compute``: ms/step and images/s of the real training step (``objective.ContextEncoderObjective``: forward,
+  losses, backward, optimiser(s)) on in-memory tensors with precomputed masks — data excluded;
 * ``data`` / ``masks``: ms per batch of the loader's work alone, in the main process (decode, resize, crop, flip,
   collate: what each of the ``--workers`` loader processes spends per batch) and of mask generation alone;
 * ``end-to-end``: the step fed by the loader and fresh masks, as ``train.py`` runs it — data included;
@@ -17,7 +22,7 @@ For each configuration (``preset:backbone``) and precision, in a fresh process s
 
 ``--port-dir`` points at a local clone of BoyuanJiang/context_encoder_pytorch (not shipped here); its ``_netG`` /
 ``_netlocalD`` are imported from there and trained the way its ``train.py`` does (fp32, NCHW, three discriminator
-forwards per step, batch 64, 128 px) on the same in-memory tensors.
+forwards per step, batch 64, 128 px) on the same in-memory tensors, on the same device as ours.
 """
 
 from __future__ import annotations
@@ -35,45 +40,66 @@ from types import SimpleNamespace
 
 import torch
 
-DEFAULT_CONFIGS = ["features:alexnet", "inpainting:dcgan_encoder", "features:resnet18", "features:resnet50"]
+# preset:backbone:batch per device: the issue-11 targets on a GPU; what two CPU cores finish in a few minutes
+PLANS = {
+    "cuda": ["inpainting:dcgan_encoder:64", "inpainting:dcgan_encoder:256", "features:alexnet:256",
+             "features:resnet50:256"],
+    "cpu": ["inpainting:dcgan_encoder:64", "features:alexnet:64"],
+}
+# images/s of the step (and end to end, from files) that issue 11 asks of one H100 in bf16
+GPU_TARGETS = {("inpainting:dcgan_encoder", 256): 40_000, ("features:alexnet", 256): 20_000,
+               ("features:resnet50", 256): 5_000}
 
 
-def matmul_rate(dtype: torch.dtype, n: int = 2048, repeat: int = 8) -> float:
-    """Measured dense matmul FLOP/s for ``dtype`` on this device (best of three runs)."""
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
-    best = float("inf")
-    for _ in range(3):
-        _sync()
+def matmul_rate(dtype: torch.dtype, device: str, budget_s: float = 2.0) -> float:
+    """Measured dense matmul FLOP/s for ``dtype`` on ``device``: best of a few runs, sized to finish in about
+    ``budget_s`` even where the precision is pathologically slow (CPU bf16 without native support)."""
+    n = 4096 if device == "cuda" else 512
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up, and a first estimate of the cost
+    best, spent, runs = float("inf"), 0.0, 0
+    while runs < 3 and spent < budget_s:
+        _sync(device)
         t = time.perf_counter()
-        for _ in range(repeat):
-            a @ b
-        _sync()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 * repeat / best
+        a @ b
+        _sync(device)
+        dt = time.perf_counter() - t
+        best, spent, runs = min(best, dt), spent + dt, runs + 1
+    return 2 * n**3 / best
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
+def precisions(device: str, rates: dict[str, float]) -> list[str]:
+    """fp32, and bf16 where its matmul is at least as fast (always on a GPU; on CPUs only with native bf16)."""
+    return ["fp32", "bf16"] if device == "cuda" or rates["bf16"] >= rates["fp32"] else ["fp32"]
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
         torch.cuda.synchronize()
 
 
-def _peak_mb() -> float:
-    if torch.cuda.is_available():
+def _peak_mb(device: str) -> float:
+    if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _time(fn, steps: int, warmup: int) -> float:
-    """Median seconds per call after ``warmup`` calls."""
+def _time(fn, steps: int, warmup: int, device: str) -> float:
+    """Seconds per call after ``warmup`` calls: the median of single calls on a CPU; on a GPU the mean over
+    ``steps`` calls queued back to back (synchronising after each call would hide the host running ahead)."""
     for _ in range(warmup):
         fn()
+    if device == "cuda":
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        _sync(device)
+        return (time.perf_counter() - t) / steps
     times = []
     for _ in range(steps):
-        _sync()
         t = time.perf_counter()
         fn()
-        _sync()
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
 
@@ -90,148 +116,181 @@ def bench_ours(args: SimpleNamespace) -> dict:
     from accelerate import Accelerator
 
     from ce_pretrain.config import PRESETS, TrainConfig
-    from ce_pretrain.data import EpochSampler, ImageDataset, collate, list_images, sample_images
+    from ce_pretrain.data import EpochSampler, ImageDataset, collate, list_images
     from ce_pretrain.objective import ContextEncoderObjective
+    from ce_pretrain.sources import sample_images
 
     preset, backbone = args.config.split(":")
     values = {k: v for k, v in PRESETS[preset].items() if k in TrainConfig.__dataclass_fields__}
     values.update(preset=preset, backbone=backbone, mixed_precision="bf16" if args.precision == "bf16" else "no",
-                  channels_last=not args.nchw)
-    if args.batch_size:
-        values["batch_size"] = args.batch_size
+                  channels_last=not args.nchw, batch_size=args.batch_size)
     if backbone not in ("alexnet", "alexnet_poolfree", "dcgan_encoder") and preset == "features":
         values["image_size"] = 224
     cfg = TrainConfig(**values)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    torch.backends.cudnn.benchmark = True
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=args.device == "cpu")
     runner = ContextEncoderObjective.build(cfg, accelerator)
-    rule = runner.mask_rule
     device, b, s = accelerator.device, cfg.batch_size, cfg.image_size
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
     images = torch.rand(b, 3, s, s, device=device).contiguous(memory_format=memory)
-    gen = torch.Generator().manual_seed(0)
-    mask = rule.sample(b, gen, device=device)
+    mask = runner.masks(b, 0, device)
 
     flops = _count_flops(lambda: runner.step(images, mask))
-    compute = _time(lambda: runner.step(images, mask), args.steps, args.warmup)
-    masks = _time(lambda: rule.sample(b, gen, device=device), args.steps, 1)
+    compute = _time(lambda: runner.step(images, mask), args.steps, args.warmup, args.device)
+    seeds = iter(range(1, 10**9))
+    masks = _time(lambda: runner.masks(b, next(seeds), device), args.steps, 1, args.device)
 
     files = list_images(args.data) if args.data else sample_images()
     dataset = ImageDataset(files, s, cache=len(files) <= 256)
     direct = iter(torch.utils.data.DataLoader(dataset, batch_size=b, sampler=EpochSampler(len(files), seed=1),
                                               collate_fn=collate))
-    data = _time(lambda: next(direct), args.steps, 2)
+    data = _time(lambda: next(direct), min(args.steps, 3), 1, "cpu")
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=b, sampler=EpochSampler(len(files)), collate_fn=collate, num_workers=args.workers,
-        persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None)
+        persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None,
+        pin_memory=args.device == "cuda")
     batches = iter(loader)
 
     def fed_step():
         crops, _ = next(batches)
-        x = crops.to(device).float().div_(255).contiguous(memory_format=memory)
-        runner.step(x, rule.sample(b, gen, device=device))
+        x = crops.to(device, non_blocking=True).float().div_(255).contiguous(memory_format=memory)
+        runner.step(x, runner.masks(b, next(seeds), device))
 
-    end_to_end = _time(fed_step, args.steps, 1)
-    return dict(config=args.config, precision=args.precision, batch=b, size=s, flops=flops, compute_s=compute,
-                data_s=data, masks_s=masks, e2e_s=end_to_end, peak_mb=_peak_mb())
+    end_to_end = _time(fed_step, max(2, args.steps // 2), 1, args.device)
+    return dict(config=args.config, device=args.device, precision=args.precision, batch=b, size=s, flops=flops,
+                compute_s=compute, data_s=data, masks_s=masks, e2e_s=end_to_end, peak_mb=_peak_mb(args.device))
 
 
 def bench_port(args: SimpleNamespace) -> dict:
-    """BoyuanJiang/context_encoder_pytorch's step, as its train.py runs it (imported from ``--port-dir``)."""
+    """BoyuanJiang/context_encoder_pytorch's step, as its train.py runs it (imported from ``--port-dir``), on
+    ``args.device``."""
     spec = importlib.util.spec_from_file_location("port_model", Path(args.port_dir) / "model.py")
     port = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(port)
+    dev = torch.device(args.device)
     opt = SimpleNamespace(ngpu=1, nc=3, nef=64, ngf=64, ndf=64, nBottleneck=4000)
-    net_g, net_d = port._netG(opt), port._netlocalD(opt)
-    bce, b, s, overlap, wtl2 = torch.nn.BCELoss(), args.batch_size or 64, 128, 4, 0.999
+    net_g, net_d = port._netG(opt).to(dev), port._netlocalD(opt).to(dev)
+    bce, b, s, overlap, wtl2 = torch.nn.BCELoss(), args.batch_size, 128, 4, 0.999
     opt_d = torch.optim.Adam(net_d.parameters(), lr=2e-4, betas=(0.5, 0.999))
     opt_g = torch.optim.Adam(net_g.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    real = torch.rand(b, 3, s, s) * 2 - 1
+    real = torch.rand(b, 3, s, s, device=dev) * 2 - 1
     center = real[:, :, s // 4: s // 4 + s // 2, s // 4: s // 4 + s // 2].clone()
     cropped = real.clone()
     cropped[:, :, s // 4 + overlap: s // 4 + s // 2 - overlap, s // 4 + overlap: s // 4 + s // 2 - overlap] = 0
     weights = torch.full_like(center, wtl2 * 10)
     weights[:, :, overlap: s // 2 - overlap, overlap: s // 2 - overlap] = wtl2
+    ones, zeros = torch.ones(b, 1, device=dev), torch.zeros(b, 1, device=dev)
 
     def step():
         net_d.zero_grad()
-        err_real = bce(net_d(center), torch.ones(b, 1))
+        err_real = bce(net_d(center), ones)
         err_real.backward()
         fake = net_g(cropped)
-        err_fake = bce(net_d(fake.detach()), torch.zeros(b, 1))
+        err_fake = bce(net_d(fake.detach()), zeros)
         err_fake.backward()
         opt_d.step()
         net_g.zero_grad()
-        err_adv = bce(net_d(fake), torch.ones(b, 1))
+        err_adv = bce(net_d(fake), ones)
         err_l2 = ((fake - center).pow(2) * weights).mean()
         ((1 - wtl2) * err_adv + wtl2 * err_l2).backward()
         opt_g.step()
 
     flops = _count_flops(step)
-    compute = _time(step, args.steps, args.warmup)
-    return dict(config="port:BoyuanJiang", precision="fp32", batch=b, size=s, flops=flops, compute_s=compute,
-                data_s=None, masks_s=None, e2e_s=None, peak_mb=_peak_mb())
+    compute = _time(step, args.steps, args.warmup, args.device)
+    return dict(config="port:BoyuanJiang", device=args.device, precision="fp32", batch=b, size=s, flops=flops,
+                compute_s=compute, data_s=None, masks_s=None, e2e_s=None, peak_mb=_peak_mb(args.device))
 
 
 def run_single(spec: dict) -> None:
     args = SimpleNamespace(**spec)
+    torch.manual_seed(0)
     result = bench_port(args) if args.config.startswith("port") else bench_ours(args)
     print("RESULT " + json.dumps(result))
 
 
+def _ms(v: float | None) -> str:
+    return f"{v * 1e3:8.1f}" if v is not None else f"{'-':>8s}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="preset:backbone pairs")
-    p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    p.add_argument("--batch-size", type=int, help="default: the preset's (64)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    p.add_argument("--devices", nargs="+", choices=["cpu", "cuda"],
+                   help="default: every device found (cpu, and cuda when available)")
+    p.add_argument("--configs", nargs="+",
+                   help="preset:backbone:batch triples; default: each device's plan (see the module docstring)")
+    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"],
+                   help="default: fp32, plus bf16 where this device's bf16 matmul is at least as fast")
+    p.add_argument("--steps", type=int, help="timed steps (default: 20 on a GPU, 3 on a CPU)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default: 5 on a GPU, 1 on a CPU)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
     p.add_argument("--data", help="image folder for the data-included timing (default: the demo photographs)")
     p.add_argument("--port-dir", help="local clone of BoyuanJiang/context_encoder_pytorch to compare with")
+    p.add_argument("--port-batch-size", type=int, default=64, help="the port's batch (its train.py's default: 64)")
     p.add_argument("--nchw", action="store_true", help="disable channels-last")
     p.add_argument("--single", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.single:
         run_single(json.loads(args.single))
         return
+    if args.port_dir and not (Path(args.port_dir) / "model.py").is_file():
+        p.error(f"--port-dir {args.port_dir!r} has no model.py (a clone of BoyuanJiang/context_encoder_pytorch)")
+    devices = args.devices or (["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"])
+    if "cuda" in devices and not torch.cuda.is_available():
+        p.error("--devices cuda: no CUDA device is available")
+    import accelerate
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
-    print(f"device: {device}; torch {torch.__version__}; measured matmul: fp32 {rates['fp32'] / 1e9:.1f} GFLOP/s, "
-          f"bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s")
-    jobs = [dict(config=c, precision=pr) for c in args.configs for pr in args.precision]
-    if args.port_dir:
-        jobs.append(dict(config="port", precision="fp32"))
-    header = (f"{'config':28s} {'prec':5s} {'batch':>5s} {'px':>4s} {'ms/step':>8s} {'img/s':>7s} {'GFLOP/st':>9s} "
+    print(f"torch {torch.__version__}, accelerate {accelerate.__version__}, {time.strftime('%Y-%m-%d')}")
+    header = (f"{'config':28s} {'prec':5s} {'batch':>5s} {'px':>4s} {'ms/step':>8s} {'img/s':>8s} {'GFLOP/st':>9s} "
               f"{'MFU':>6s} {'data ms':>8s} {'mask ms':>8s} {'e2e ms':>8s} {'e2e img/s':>9s} {'peak MB':>8s}")
-    print(header)
-    print("-" * len(header))
-    results = []
-    for job in jobs:
-        spec = dict(job, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, workers=args.workers,
-                    data=args.data, port_dir=args.port_dir, nchw=args.nchw)
-        proc = subprocess.run([sys.executable, __file__, "--single", json.dumps(spec)], capture_output=True, text=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            print(f"{job['config']:28s} {job['precision']:5s} failed: {proc.stderr.strip().splitlines()[-1:]}")
-            continue
-        r = json.loads(line[7:])
-        results.append(r)
-        mfu = r["flops"] / r["compute_s"] / rates[r["precision"]]
+    for device in devices:
+        name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+        rates = {"fp32": matmul_rate(torch.float32, device), "bf16": matmul_rate(torch.bfloat16, device)}
+        steps = args.steps or (20 if device == "cuda" else 3)
+        warmup = args.warmup if args.warmup is not None else (5 if device == "cuda" else 1)
+        print(f"\n== {device}: {name}; measured matmul: fp32 {rates['fp32'] / 1e9:.1f} GFLOP/s, "
+              f"bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s")
+        jobs = [dict(config=":".join(c.split(":")[:2]), batch_size=int(c.split(":")[2]) if c.count(":") == 2 else 64,
+                     precision=pr)
+                for c in (args.configs or PLANS[device]) for pr in (args.precision or precisions(device, rates))]
+        if args.port_dir:
+            jobs.append(dict(config="port", batch_size=args.port_batch_size, precision="fp32"))
+        print(header)
+        print("-" * len(header))
+        results = []
+        for job in jobs:
+            spec = dict(job, device=device, steps=steps, warmup=warmup, workers=args.workers, data=args.data,
+                        port_dir=args.port_dir, nchw=args.nchw)
+            proc = subprocess.run([sys.executable, __file__, "--single", json.dumps(spec)], capture_output=True,
+                                  text=True, check=False)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{job['config']:28s} {job['precision']:5s} failed: {proc.stderr.strip().splitlines()[-1:]}")
+                continue
+            r = json.loads(line[7:])
+            results.append(r)
+            mfu = r["flops"] / r["compute_s"] / rates[r["precision"]]
+            e2e_ips = f"{r['batch'] / r['e2e_s']:9.1f}" if r["e2e_s"] else f"{'-':>9s}"
+            print(f"{r['config']:28s} {r['precision']:5s} {r['batch']:5d} {r['size']:4d} {_ms(r['compute_s'])} "
+                  f"{r['batch'] / r['compute_s']:8.1f} {r['flops'] / 1e9:9.1f} {mfu:6.1%} {_ms(r['data_s'])} "
+                  f"{_ms(r['masks_s'])} {_ms(r['e2e_s'])} {e2e_ips} {r['peak_mb']:8.0f}")
+        report(device, results)
 
-        def ms(v):
-            return f"{v * 1e3:8.0f}" if v is not None else f"{'-':>8s}"
 
-        e2e_ips = f"{r['batch'] / r['e2e_s']:9.1f}" if r["e2e_s"] else f"{'-':>9s}"
-        print(f"{r['config']:28s} {r['precision']:5s} {r['batch']:5d} {r['size']:4d} {ms(r['compute_s'])} "
-              f"{r['batch'] / r['compute_s']:7.1f} {r['flops'] / 1e9:9.1f} {mfu:6.1%} {ms(r['data_s'])} "
-              f"{ms(r['masks_s'])} {ms(r['e2e_s'])} {e2e_ips} {r['peak_mb']:8.0f}")
+def report(device: str, results: list[dict]) -> None:
+    """Each inpainting row's step rate against the port's (per image, so batches may differ), and on a GPU each
+    issue-11 target."""
     port = next((r for r in results if r["config"].startswith("port")), None)
-    if port:
-        for r in results:
-            if r["config"] == "inpainting:dcgan_encoder":
-                print(f"inpainting preset {r['precision']}: {port['compute_s'] / r['compute_s']:.2f}× the port's "
-                      f"speed per step ({r['compute_s'] * 1e3:.0f} vs {port['compute_s'] * 1e3:.0f} ms)")
+    port_ips = port["batch"] / port["compute_s"] if port else None
+    for r in results:
+        ips = r["batch"] / r["compute_s"]
+        if port_ips and r["config"] == "inpainting:dcgan_encoder":
+            print(f"{device}: inpainting preset, {r['precision']}, batch {r['batch']}: {ips / port_ips:.2f}× the "
+                  f"port's images/s at batch {port['batch']} ({ips:.1f} vs {port_ips:.1f})")
+        target = GPU_TARGETS.get((r["config"], r["batch"])) if device == "cuda" and r["precision"] == "bf16" else None
+        if target:
+            e2e = f"; end to end {r['batch'] / r['e2e_s']:.0f} img/s" if r["e2e_s"] else ""
+            print(f"{device}: {r['config']} batch {r['batch']} bf16 step: {ips:.0f} img/s, target {target} "
+                  f"({ips / target:.2f}×){e2e}")
 
 
 if __name__ == "__main__":

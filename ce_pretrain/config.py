@@ -8,6 +8,7 @@ any data or model is touched (bad input: :class:`ConfigError`, one line).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class TrainConfig:
     data: str | None = None
     data_split: str = "train"
     streaming: bool = False
+    data_cache: str | None = None
     image_size: int = 227
     pred_size: int | None = None
     overlap: int = 0
@@ -77,6 +79,7 @@ class TrainConfig:
     hub_model_id: str | None = None
     num_workers: int = 4
     max_nonfinite_steps: int = 20
+    check_finite_every: int | None = None
     channels_last: bool = True
     cpu: bool = False
     max_time: float | None = None
@@ -165,6 +168,9 @@ def build_parser(prog: str = "ce_pretrain/train.py") -> argparse.ArgumentParser:
     d.add_argument("--data-split", default="train", help="split of a Hugging Face dataset")
     d.add_argument("--streaming", action="store_true",
                    help="stream a Hugging Face dataset instead of downloading it first (one loader worker)")
+    d.add_argument("--data-cache", metavar="FILE.npy",
+                   help="decode every image once into this memory-mapped file (built when missing or stale) and "
+                        "cut crops and flips on the device: the fast path for GPUs")
     d.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes")
     r = p.add_argument_group("outputs")
     r.add_argument("--output-dir", default="runs/ce-pretrain", help="where checkpoints, samples, logs and the "
@@ -189,6 +195,9 @@ def build_parser(prog: str = "ce_pretrain/train.py") -> argparse.ArgumentParser:
     r.add_argument("--hub-model-id", help="Hub repository, e.g. user/ce-alexnet (needed with --push-to-hub)")
     o.add_argument("--max-nonfinite-steps", type=int, default=20,
                    help="stop with an error after this many consecutive steps with a non-finite loss")
+    o.add_argument("--check-finite-every", type=int,
+                   help="read the device's count of skipped non-finite steps every N steps (a host sync); "
+                        "default: --log-every")
     r.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="keep NCHW memory format (channels-last is faster on modern CPUs and GPUs)")
     return p
@@ -217,6 +226,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     log_with = [t.strip() for t in args.log_with.split(",") if t.strip() and t.strip() != "none"]
     cfg = TrainConfig(
         preset=args.preset, data=args.data, data_split=args.data_split, streaming=args.streaming,
+        data_cache=args.data_cache,
         mask_shapes=args.mask_shapes,
         mask_source=args.mask_source, loss=args.loss, discriminator_lr=args.discriminator_lr,
         weight_decay=args.weight_decay, gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -225,6 +235,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         sample_every=args.sample_every, log_every=args.log_every, resume=args.resume, seed=args.seed,
         log_with=log_with, push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id,
         num_workers=args.num_workers, channels_last=args.channels_last, max_nonfinite_steps=args.max_nonfinite_steps,
+        check_finite_every=args.check_finite_every,
         cpu=args.cpu, overwrite=args.overwrite,
         max_time=None if args.max_time is None else parse_duration(args.max_time),
         **{k: v for k, v in preset.items() if k in TrainConfig.__dataclass_fields__},
@@ -240,9 +251,16 @@ def validate(cfg: TrainConfig) -> None:
     positive = dict(batch_size=cfg.batch_size, max_steps=cfg.max_steps, image_size=cfg.image_size,
                     checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
                     gradient_accumulation_steps=cfg.gradient_accumulation_steps, keep_checkpoints=cfg.keep_checkpoints)
+    if cfg.check_finite_every is not None:
+        positive["check_finite_every"] = cfg.check_finite_every
+    positive["max_nonfinite_steps"] = cfg.max_nonfinite_steps
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    finite = dict(lr=cfg.lr, discriminator_lr=cfg.discriminator_lr, beta1=cfg.beta1, weight_decay=cfg.weight_decay)
+    for name, value in finite.items():
+        if value is not None and not math.isfinite(value):  # nan passes every comparison below
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if cfg.lr <= 0:
         raise ConfigError(f"--lr must be positive, got {cfg.lr}")
     if cfg.num_workers < 0:
@@ -270,6 +288,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--resume checkpoint {cfg.resume!r} does not exist")
     if cfg.streaming and (cfg.data is None or Path(cfg.data).is_dir() and not _is_saved_dataset(cfg.data)):
         raise ConfigError("--streaming applies to Hugging Face datasets, not to image folders or the demo set")
+    if cfg.data_cache and cfg.streaming:
+        raise ConfigError("--data-cache needs the whole dataset; it cannot be combined with --streaming")
     if cfg.adversarial and cfg.mask == "none":
         raise ConfigError("the autoencoder baseline (--mask none) has no hole for the adversarial loss to judge")
 

@@ -19,24 +19,33 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate import PartialState
+from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from .atomic import write_text_atomic
-from .checkpoint import (RunLock, StopRequest, TrainState, check_resumable, checkpoint_dir, latest_checkpoint,
-                         load_checkpoint, prepare_output_dir, save_checkpoint)
+from .checkpoint import (
+    RunLock,
+    StopRequest,
+    TrainState,
+    check_resumable,
+    checkpoint_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    prepare_output_dir,
+    save_checkpoint,
+)
 from .config import ConfigError, TrainConfig
 from .data import EpochSampler, ImageDataset, StreamingImageDataset, collate
 from .export import save_timm_encoder
 from .figure import save_sample_grid
+from .gpu_data import CachedCrops, open_cache
 from .masks import ShapeBank
-from .objective import ContextEncoderObjective, step_seed
+from .objective import ContextEncoderObjective, NonFiniteMonitor, all_finite, step_seed
 from .tracking import make_trackers, tracker_config
 
-__all__ = ["STOP_SYNC_EVERY", "claim_output_dir", "finish", "make_accelerator", "make_loader", "resume", "run",
-           "should_stop", "train_loop"]
+__all__ = ["STOP_SYNC_EVERY", "check_nonfinite", "claim_output_dir", "ensure_finite_weights", "finish",
+           "make_accelerator", "make_loader", "resume", "run", "should_stop", "train_loop"]
 
 # steps between the all-reduces by which several processes agree to stop (a signal, --max-time): a 4-byte
 # collective that waits for the device, so not every step; one process decides alone, every step, for free
@@ -47,6 +56,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """The run's ``Accelerator``; torchrun-style launches (``accelerate launch --multi_gpu``) on a machine without
     GPUs run DDP over gloo on CPUs."""
     out = Path(cfg.output_dir)
+    torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest kernels once
     return Accelerator(
         cpu=_use_cpu(cfg),
         mixed_precision=cfg.mixed_precision,
@@ -97,6 +107,12 @@ def make_loader(cfg: TrainConfig, items, image_column: str | None, accelerator: 
     """The data loader of this process, positioned after the ``start_step`` steps already taken."""
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps
     rank, world, start_at = accelerator.process_index, accelerator.num_processes, start_step * per_step
+    if cfg.data_cache:
+        dataset = ImageDataset(items, cfg.image_size, seed=cfg.seed, image_column=image_column)
+        with accelerator.main_process_first():  # one process builds the cache, the others then open it
+            cache, meta = open_cache(dataset, cfg.data_cache, num_workers=cfg.num_workers)
+        return CachedCrops(cache, cfg.image_size, cfg.batch_size, accelerator.device, seed=cfg.seed, rank=rank,
+                           world_size=world, start=start_at, unreadable=meta["unreadable"])
     if cfg.streaming:
         dataset = StreamingImageDataset(items, cfg.image_size, image_column, seed=cfg.seed, rank=rank,
                                         world_size=world, start=start_at)
@@ -159,12 +175,15 @@ def train_loop(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEnc
     stop code: 0 = finished, 1 = ``--max-time``, 128 + N = signal N)."""
     out, device = Path(cfg.output_dir), accelerator.device
     sample_every = cfg.sample_every or cfg.checkpoint_every
+    check_every = cfg.check_finite_every or cfg.log_every
+    objective.monitor = NonFiniteMonitor(device, state.nonfinite)
     batches = iter(loader)
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
                desc="ce-pretrain", dynamic_ncols=True, unit="step")
     start, images_seen, last, stopped = time.perf_counter(), 0, {}, 0
     try:
         while state.step < cfg.max_steps:
+            # nothing in this loop waits for the device except the reads every `check_every` / `log_every` steps
             for micro in range(cfg.gradient_accumulation_steps):
                 crops, bad = next(batches)
                 state.skipped.update(bad)
@@ -174,22 +193,28 @@ def train_loop(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEnc
                 seed = step_seed(cfg.seed, state.step, micro, accelerator.process_index)
                 mask = objective.masks(len(images), seed, device)
                 torch.manual_seed(seed)  # dropout: the same draws in a resumed run
-                loss, logs, finite = objective.step(images, mask)
-                _count_nonfinite(cfg, accelerator, state, finite, loss)
+                loss, logs = objective.step(images, mask)
                 images_seen += len(images) * accelerator.num_processes
             state.step += 1
             bar.update(1)
-            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:  # .item() syncs: only when logging
-                last = {k: v.item() for k, v in logs.items()} | {"loss": loss.item()}
+            checkpoint_due = state.step % cfg.checkpoint_every == 0 and state.step < cfg.max_steps
+            if state.step % check_every == 0 or state.step == cfg.max_steps or checkpoint_due:
+                check_nonfinite(cfg, accelerator, objective, state)
+            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+                names = [*logs, "loss"]
+                values = torch.stack([*(v.detach().float() for v in logs.values()), loss.detach().float()])
+                last = dict(zip(names, values.tolist()))  # one sync for every logged scalar
                 ips = images_seen / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{ips:.1f}")
                 accelerator.log(last | {"images_per_s": ips, "lr": objective.opt_g.param_groups[0]["lr"],
                                         "skipped_files": len(state.skipped)}, step=state.step)
-            if state.step % cfg.checkpoint_every == 0 and state.step < cfg.max_steps:
+            if checkpoint_due:
+                ensure_finite_weights(cfg, objective, state)
                 save_checkpoint(accelerator, cfg, state)
             if samples is not None and state.step % sample_every == 0:
                 save_sample_grid(objective.core, *samples, out / "samples" / f"step_{state.step:08d}.png")
             if state.step < cfg.max_steps and (stopped := should_stop(accelerator, stop, state.step)):
+                check_nonfinite(cfg, accelerator, objective, state)  # the checkpoint carries the skip count
                 if not last:  # the summary names the loss the run stopped at
                     last = {k: v.item() for k, v in logs.items()} | {"loss": loss.item()}
                 break
@@ -198,20 +223,38 @@ def train_loop(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEnc
     return last, images_seen, time.perf_counter() - start, stopped
 
 
-def _count_nonfinite(cfg: TrainConfig, accelerator: Accelerator, state: TrainState, finite: bool,
-                     loss: torch.Tensor) -> None:
-    """Track consecutive skipped steps; stop the run once ``cfg.max_nonfinite_steps`` of them follow each other."""
-    if finite:
-        state.nonfinite = 0
-        return
-    state.nonfinite += 1
-    accelerator.print(f"step {state.step}: non-finite loss ({loss.item()}); step skipped ({state.nonfinite} in a row)")
-    if state.nonfinite >= cfg.max_nonfinite_steps:
+def check_nonfinite(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEncoderObjective,
+                    state: TrainState) -> None:
+    """Read the device's count of skipped steps (one sync) and stop the run once ``cfg.max_nonfinite_steps`` of
+    them followed each other."""
+    counts = objective.monitor.read()
+    if accelerator.num_processes > 1:  # under fp16 each process counts its own loss: agree on the worst
+        gathered = accelerator.gather(torch.tensor([counts], device=accelerator.device))
+        counts = tuple(int(v) for v in gathered.amax(0).tolist())
+    state.nonfinite, longest, total = counts
+    if total:
+        accelerator.print(f"step {state.step}: {total} step(s) since the last check had a non-finite loss or "
+                          f"gradients and were skipped (weights unchanged; {longest} in a row at most)")
+    if longest >= cfg.max_nonfinite_steps:
         raise FloatingPointError(
-            f"the loss was non-finite for {state.nonfinite} steps in a row at step {state.step}: training diverged "
-            f"(mixed precision {cfg.mixed_precision!r}); try --mixed-precision bf16 or no, a lower --lr, or "
-            f"--adversarial-weight 0. The last good checkpoint is in {checkpoint_dir(cfg.output_dir)}"
+            f"the loss or gradients were non-finite for {longest} steps in a row by step {state.step}: training "
+            f"diverged (mixed precision {cfg.mixed_precision!r}); try --mixed-precision bf16 or no, a lower --lr, "
+            f"or --adversarial-weight 0. {_last_good(cfg)}"
         )
+
+
+def ensure_finite_weights(cfg: TrainConfig, objective: ContextEncoderObjective, state: TrainState) -> None:
+    """Refuse to save weights or optimiser state that hold NaN or inf (one sync; before every save)."""
+    if not all_finite(objective.state_tensors()):
+        raise FloatingPointError(f"the weights or optimiser state became non-finite by step {state.step}; nothing "
+                                 f"was saved from this point. {_last_good(cfg)}")
+
+
+def _last_good(cfg: TrainConfig) -> str:
+    ckpt = latest_checkpoint(cfg.output_dir)  # every saved checkpoint passed ensure_finite_weights
+    if ckpt is None:
+        return "No checkpoint was saved before it."
+    return f"The last finite checkpoint is {ckpt} (--resume {ckpt} with a lower --lr continues from it)."
 
 
 def finish(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEncoderObjective, state: TrainState,
@@ -221,6 +264,7 @@ def finish(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEncoder
     A run stopped early (``summary["stopped"]``) writes the same files, says how to continue, and is not pushed.
     """
     out, log, core = Path(cfg.output_dir), accelerator.print, objective.core
+    ensure_finite_weights(cfg, objective, state)
     save_checkpoint(accelerator, cfg, state)
     if not accelerator.is_main_process:
         return
@@ -273,7 +317,7 @@ def run(cfg: TrainConfig, items, image_column: str | None, description: str,
 
     Args:
         cfg: a checked configuration (:func:`ce_pretrain.config.resolve_config`).
-        items: what :func:`ce_pretrain.data.open_source` returned for ``cfg.data``.
+        items: what :func:`ce_pretrain.sources.open_source` returned for ``cfg.data``.
         image_column: the image column of a Hugging Face dataset, else ``None``.
         description: the data source in words, for logs and the summary.
         resume_command: the command line that continues this run, printed when it stops early.

@@ -148,11 +148,15 @@ def _noise_field(
     (``res = 0.06`` in ``train_random.lua``); thresholding it keeps its lowest values."""
     gh, gw = max(2, math.ceil(height / cell)) + 1, max(2, math.ceil(width / cell)) + 1
     low = _rand(generator, batch, 1, gh, gw).to(device)
-    # a random sub-cell offset, like the original's random window into one large pattern
-    off = _rand(generator, 2).tolist()
+    # a random sub-cell offset, like the original's random window into one large pattern; the window is taken
+    # with device-side indices, so a GPU generator never makes the host wait
+    off = _rand(generator, 2).to(device)
     big = F.interpolate(low, scale_factor=cell, mode="bicubic", align_corners=False)
-    top, left = int(off[0] * (big.shape[2] - height)), int(off[1] * (big.shape[3] - width))
-    return big[:, :, top: top + height, left: left + width]
+    top = (off[0] * (big.shape[2] - height)).long()
+    left = (off[1] * (big.shape[3] - width)).long()
+    rows = top + torch.arange(height, device=device)
+    cols = left + torch.arange(width, device=device)
+    return big.index_select(2, rows).index_select(3, cols)
 
 
 class ShapeBank:
@@ -172,6 +176,13 @@ class ShapeBank:
         self.size = shapes.shape[-1]
         self.fields = self._signed_distance(shapes.bool())
         self.areas = shapes.flatten(1).float().mean(1)  # fraction of the canvas
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fields, areas) on ``device``, copied there once rather than on every batch."""
+        if device not in self._on_device:
+            self._on_device[device] = (self.fields.to(device), self.areas.to(device))
+        return self._on_device[device]
 
     def __len__(self) -> int:
         return len(self.fields)
@@ -245,11 +256,11 @@ class ShapeBank:
     ) -> torch.Tensor:
         """Randomly chosen shapes, deformed and placed: a field ``[B, 1, H, W]`` whose low values are the shape."""
         p = _rand(generator, batch, 7).to(device)
-        fields = self.fields.to(device)
+        fields, areas = self._tensors(torch.device(device))
         idx = (p[:, 0] * len(self)).long().clamp(max=len(self) - 1)
         # canvas side (in units of the image's shorter side) at which the shape covers the drawn fraction
         short = min(height, width)
-        side = torch.sqrt(coverage * height * width / self.areas.to(device)[idx].clamp(min=1e-3)) / short
+        side = torch.sqrt(coverage * height * width / areas[idx].clamp(min=1e-3)) / short
         a = _random_affine(p[:, 1:5]) / (side.view(-1, 1, 1) + 1e-6)
         cy = (p[:, 5] - 0.5) * 1.6 * height / short
         cx = (p[:, 6] - 0.5) * 1.6 * width / short

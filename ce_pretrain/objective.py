@@ -16,7 +16,7 @@ from .losses import ReconstructionLoss, discriminator_loss, generator_adversaria
 from .masks import MaskRule, ShapeBank
 from .model import ContextEncoder
 
-__all__ = ["ContextEncoderObjective", "step_seed"]
+__all__ = ["ContextEncoderObjective", "NonFiniteMonitor", "all_finite", "step_seed"]
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -52,6 +52,21 @@ class ContextEncoderObjective:
         self.mask_rule = mask_rule or self.core.mask_rule
         self.rec_loss = ReconstructionLoss(p=2 if loss == "l2" else 1)
         self.adversarial_weight = adversarial_weight
+        self.disc_core = accelerator.unwrap_model(discriminator) if discriminator is not None else None
+        self._model_params = [p for p in model.parameters() if p.requires_grad]
+        self._disc_params = [p for p in self.disc_core.parameters()] if self.disc_core is not None else []
+        self.monitor = NonFiniteMonitor(accelerator.device)
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every parameter, buffer and optimiser-state tensor of the run (what a checkpoint saves)."""
+        found = [*self.core.state_dict().values()]
+        if self.disc_core is not None:
+            found += self.disc_core.state_dict().values()
+        for opt in (self.opt_g, self.opt_d):
+            if opt is not None:
+                found += [v for state in opt.state_dict()["state"].values() for v in state.values()
+                          if isinstance(v, torch.Tensor)]
+        return found
 
     @classmethod
     def build(cls, cfg: TrainConfig, accelerator, shapes: ShapeBank | None = None) -> ContextEncoderObjective:
@@ -80,13 +95,19 @@ class ContextEncoderObjective:
         return cls(accelerator, model, disc, opt_g, opt_d, **kwargs)
 
     def masks(self, batch: int, seed: int, device: torch.device | str) -> torch.Tensor:
-        """The masks of one micro-batch, bool ``[B, 1, S, S]``, drawn from ``seed`` (see :func:`step_seed`)."""
-        return self.mask_rule.sample(batch, torch.Generator().manual_seed(seed), device=device)
+        """The masks of one micro-batch, bool ``[B, 1, S, S]``, drawn from ``seed`` (see :func:`step_seed`).
 
-    def step(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict, bool]:
-        """images ``[B, 3, H, W]`` in [0, 1], mask bool ``[B, 1, H, W]`` → (loss, logged terms, finite?).
+        The generator lives on ``device``, so on a GPU the masks are drawn there without a host round trip (the
+        same seed then gives other masks on a GPU than on the CPU, but the same ones on every run of a device).
+        """
+        return self.mask_rule.sample(batch, torch.Generator(device=device).manual_seed(seed), device=device)
 
-        A non-finite loss (on any process) skips the backward pass, so the step leaves the weights unchanged.
+    def step(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """images ``[B, 3, H, W]`` in [0, 1], mask bool ``[B, 1, H, W]`` → (loss, logged terms), device tensors.
+
+        Nothing here waits for the device. An optimiser step whose gradients are not finite (on any process: DDP
+        has averaged them) is skipped on the device, so it leaves the weights *and* Adam's moments and step count
+        unchanged; :attr:`monitor` counts such steps for the loop to read every few steps.
         """
         acc, core = self.accelerator, self.core
         weights = core.crop(self.mask_rule.weights(mask))
@@ -96,36 +117,105 @@ class ContextEncoderObjective:
                 pred = self.model(images, mask)
             rec = self.rec_loss(pred, target, weights)
             logs = {"loss/reconstruction": rec}
-            loss = rec
+            loss, skipped_d = rec, None
             if self.disc is not None:
                 fake, real = core.normalize(pred.float()), core.normalize(target)
                 with acc.autocast():  # one forward for real and fake: DDP-safe, and BatchNorm sees both
                     logits = self.disc(torch.cat([real, fake.detach()]))
                 d_loss = discriminator_loss(logits[: len(real)], logits[len(real):])
-                if _all_finite(acc, d_loss):
-                    acc.backward(d_loss)
-                    self.opt_d.step()
-                self.opt_d.zero_grad(set_to_none=True)
-                with acc.autocast():
-                    adv = generator_adversarial_loss(self.disc(fake))
+                acc.backward(d_loss)
+                skipped_d = self._update(self.opt_d, self._disc_params, d_loss)
+                # The generator's term must not leave gradients in the discriminator (its next step would use
+                # them), so the adversary is frozen and called outside DDP for this forward.
+                with _frozen(self._disc_params), acc.autocast():
+                    adv = generator_adversarial_loss(self.disc_core(fake))
                 loss = joint_loss(rec, adv, 1 - self.adversarial_weight, self.adversarial_weight)
                 logs.update({"loss/adversarial": adv, "loss/discriminator": d_loss})
-            finite = _all_finite(acc, loss)
-            if finite:
-                acc.backward(loss)
-            self.opt_g.step()
-            self.opt_g.zero_grad(set_to_none=True)
-        return loss, logs, finite
+            acc.backward(loss)
+            skipped = self._update(self.opt_g, self._model_params, loss)
+        if skipped is not None:
+            self.monitor.record(skipped if skipped_d is None else torch.maximum(skipped, skipped_d))
+        return loss, logs
+
+    def _update(self, opt, params: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor | None:
+        """Step ``opt`` unless its gradients are non-finite; returns 1.0 (skipped) or 0.0 as a device tensor, or
+        ``None`` on a micro-batch that only accumulates gradients."""
+        if not self.accelerator.sync_gradients:
+            return None
+        if self.accelerator.scaler is not None:
+            # fp16: the GradScaler finds non-finite gradients itself and skips the step (and shrinks its scale);
+            # only a non-finite loss counts as a divergence, not the scaler's routine overflows.
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return (~torch.isfinite(loss.detach())).float()
+        grads = [p.grad for p in params if p.grad is not None]
+        # the 2-norm overflows only for gradients of norm ~1e19: a diverged step anyway
+        found_inf = (~torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True))).float()
+        inner = opt.optimizer
+        if inner.defaults.get("fused"):
+            # fused Adam reads ``found_inf`` on the device and, when it is 1, leaves parameters, moments and
+            # step count as they were (the mechanism GradScaler uses): no host sync
+            inner.found_inf = found_inf
+            try:
+                opt.step()
+            finally:
+                del inner.found_inf
+        elif not found_inf.item():  # other optimisers cannot skip on the device: one sync per step
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        return found_inf
+
+
+class NonFiniteMonitor:
+    """Skipped optimiser steps, counted on the device and read by the host only when asked (one sync).
+
+    Args:
+        device: where the counters live.
+        consecutive: skipped steps in a row before this run started (from a checkpoint).
+    """
+
+    def __init__(self, device: torch.device | str, consecutive: int = 0):
+        self.run = torch.full((), float(consecutive), device=device)  # skipped steps in a row, up to now
+        self.longest = self.run.clone()  # longest such run since the last read
+        self.total = torch.zeros((), device=device)  # skipped steps since the last read
+
+    def record(self, skipped: torch.Tensor) -> None:
+        """Count one optimiser step; ``skipped``: 0-dim float, 1.0 when the step was skipped."""
+        self.run.mul_(skipped).add_(skipped)  # run = skipped · (run + 1)
+        torch.maximum(self.longest, self.run, out=self.longest)
+        self.total.add_(skipped)
+
+    def read(self) -> tuple[int, int, int]:
+        """(skipped in a row now, longest run up to a step since the last read, skipped since the last read);
+        resets the last two (a run still going on keeps counting). Synchronises with the device."""
+        run, longest, total = (int(v) for v in torch.stack([self.run, self.longest, self.total]).tolist())
+        self.longest.zero_()
+        self.total.zero_()
+        return run, longest, total
+
+
+class _frozen:
+    """Context in which ``params`` collect no gradients (autograd still flows through them to the inputs)."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = [p for p in params if p.requires_grad]
+
+    def __enter__(self) -> None:
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc) -> None:
+        for p in self.params:
+            p.requires_grad_(True)
 
 
 def _fused_adam(accelerator) -> bool | None:
-    """Fused Adam (one kernel over all parameters) where PyTorch has it: CPU and CUDA."""
+    """Fused Adam (one kernel over all parameters) where PyTorch has it: CPU and CUDA. It can also skip a step on
+    the device (``found_inf``), which keeps the training step free of host syncs."""
     return True if accelerator.device.type in ("cpu", "cuda") else None
 
 
-def _all_finite(accelerator, value: torch.Tensor) -> bool:
-    """True when the loss is finite on every process (so all processes skip a bad step together)."""
-    flag = torch.isfinite(value.detach()).float().reshape(1)
-    if accelerator.num_processes > 1:
-        flag = accelerator.reduce(flag, reduction="sum") / accelerator.num_processes
-    return bool(flag.item() == 1.0)
+def all_finite(tensors) -> bool:
+    """Whether every floating tensor of ``tensors`` is finite (one sync; for checkpoints, not for every step)."""
+    flags = [torch.isfinite(t).all() for t in tensors if torch.is_floating_point(t) and t.numel()]
+    return bool(torch.stack(flags).all()) if flags else True
