@@ -116,8 +116,9 @@ def bench_ours(args: SimpleNamespace) -> dict:
     from accelerate import Accelerator
 
     from ce_pretrain.config import PRESETS, TrainConfig
-    from ce_pretrain.data import EpochSampler, ImageDataset, collate, list_images, sample_images
+    from ce_pretrain.data import EpochSampler, ImageDataset, collate, list_images
     from ce_pretrain.objective import ContextEncoderObjective
+    from ce_pretrain.sources import sample_images
 
     preset, backbone = args.config.split(":")
     values = {k: v for k, v in PRESETS[preset].items() if k in TrainConfig.__dataclass_fields__}

@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["write_atomic", "write_text_atomic"]
+__all__ = ["ensure_writable_dir", "write_atomic", "write_text_atomic"]
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
@@ -28,3 +28,19 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write UTF-8 text atomically (see :func:`write_atomic`)."""
     return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def ensure_writable_dir(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and prove it writable by writing and removing a probe file.
+
+    Checked before any work, so that a read-only or mistyped output folder fails at once, not after a long run.
+
+    Raises:
+        OSError: the folder cannot be created or written to (``strerror`` says why).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+    return folder

@@ -22,7 +22,7 @@ import socket
 import time
 from pathlib import Path
 
-from .atomic import write_text_atomic
+from .atomic import ensure_writable_dir, write_text_atomic
 from .config import ConfigError, TrainConfig
 
 __all__ = ["ARCHITECTURE_KEYS", "RunLock", "StopRequest", "TrainState", "check_resumable", "checkpoint_dir",
@@ -212,10 +212,7 @@ class RunLock:
 def check_writable(folder: Path, flag: str) -> None:
     """Create ``folder`` if needed and write a probe file into it; one line if that fails (read-only, a file...)."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        ensure_writable_dir(folder)
     except OSError as e:
         raise ConfigError(f"{flag} {str(folder)!r} is not writable: {e.strerror or type(e).__name__}") from None
 

@@ -317,7 +317,7 @@ def run(cfg: TrainConfig, items, image_column: str | None, description: str,
 
     Args:
         cfg: a checked configuration (:func:`ce_pretrain.config.resolve_config`).
-        items: what :func:`ce_pretrain.data.open_source` returned for ``cfg.data``.
+        items: what :func:`ce_pretrain.sources.open_source` returned for ``cfg.data``.
         image_column: the image column of a Hugging Face dataset, else ``None``.
         description: the data source in words, for logs and the summary.
         resume_command: the command line that continues this run, printed when it stops early.

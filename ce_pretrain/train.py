@@ -26,9 +26,10 @@ from pathlib import Path
 
 from ce_pretrain.checkpoint import check_resumable, latest_checkpoint, read_run_json
 from ce_pretrain.config import ConfigError, build_parser, check_backbone_size, resolve_config
-from ce_pretrain.data import DataSourceError, open_source
+from ce_pretrain.data import DataSourceError
 from ce_pretrain.engine import run
 from ce_pretrain.model import UnknownBackboneError, resolve_backbone_name
+from ce_pretrain.sources import open_source
 
 __all__ = ["main"]
 

@@ -12,9 +12,8 @@ from ce_pretrain.data import (
     collate,
     list_images,
     load_rgb,
-    open_source,
-    sample_images,
 )
+from ce_pretrain.sources import open_source, sample_images
 
 
 def test_builtin_sample_is_real_photographs():
@@ -28,7 +27,8 @@ def test_list_images_recursive_and_errors(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     for name in ("a/x.JPG", "a/b/y.png", "a/b/z.webp", "a/b/w.bmp", "a/notes.txt"):
         (tmp_path / name).write_bytes(b"")
-    assert [str(p.relative_to(tmp_path)) for p in list_images(tmp_path)] == ["a/b/w.bmp", "a/b/y.png", "a/b/z.webp", "a/x.JPG"]
+    found = [str(p.relative_to(tmp_path)) for p in list_images(tmp_path)]
+    assert found == ["a/b/w.bmp", "a/b/y.png", "a/b/z.webp", "a/x.JPG"]
     with pytest.raises(DataSourceError, match="does not exist"):
         list_images(tmp_path / "missing")
     (tmp_path / "empty").mkdir()

@@ -1,7 +1,8 @@
 """transfer.mmseg: the converter everywhere; the real mmsegmentation (with compiled mmcv) where importable."""
 
-import argparse
+import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,6 +10,7 @@ from ce_pretrain import ContextEncoder
 from transfer.common import load_encoder
 from transfer.common.features import TimmFeatures
 from transfer.common.synthetic_voc import make_synthetic_voc
+from transfer.common.voc import VOCLayoutError
 from transfer.mmseg.convert import BACKBONE_PREFIX, convert
 
 
@@ -30,32 +32,88 @@ def test_convert_writes_exactly_the_pruned_backbone(ce_dir, tmp_path):
     assert data["meta"]["mean"] == pytest.approx([m * 255 for m in ckpt.mean])
 
 
+def test_summary_shows_numpy_metrics():
+    from transfer.mmseg.train import format_metrics
+
+    # IoUMetric returns numpy floats, which `isinstance(v, float)` used to drop from the summary
+    metrics = {"aAcc": np.float32(90.1), "mIoU": np.float32(61.2), "mAcc": np.float64(70.0), "IoU": "per class"}
+    assert format_metrics(metrics) == "aAcc 90.10 mIoU 61.20 mAcc 70.00"
+
+
+def test_train_without_mmseg_or_its_ops_is_one_line_exit_2(capsys):
+    import importlib.util
+
+    try:
+        import mmcv.ops  # noqa: F401
+        import mmseg  # noqa: F401
+
+        pytest.skip("mmseg and mmcv's ops are installed: the command runs")
+    except ImportError:
+        pass
+    from transfer.mmseg.train import main
+
+    assert importlib.util.find_spec("transfer.mmseg.train") is not None
+    assert main(["--help"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m transfer.mmseg.train: error: ") and err.count("\n") == 1
+
+
 @pytest.fixture(scope="module")
-def mm_args(ce_dir, tmp_path_factory):
+def mm_config_voc(tmp_path_factory):
+    """For the config side, which needs mmseg's registry and mmengine but not mmcv's compiled ops."""
+    pytest.importorskip("mmseg", reason="mmsegmentation is not installed")
+    return make_synthetic_voc(tmp_path_factory.mktemp("mmcfg"), num_images=8, size=64, year=2012)
+
+
+def test_mmseg_config_without_val_holdout_and_cfg_options(mm_config_voc, ce_dir, tmp_path):
+    from transfer.mmseg.train import build_config, parse_args
+
+    root = tmp_path / "data"
+    shutil.copytree(mm_config_voc, root)
+    cfg = build_config(parse_args(_argv(ce_dir, root, tmp_path / "a")))
+    # the test split is VOC's val split: no validation loop evaluates it a second time
+    assert cfg.val_dataloader is None and cfg.val_cfg is None and cfg.val_evaluator is None
+    assert cfg.test_dataloader.dataset.ann_file == "ImageSets/Segmentation/val.txt"
+    (root / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").unlink()
+    with pytest.raises(VOCLayoutError, match="val.txt.*--holdout"):
+        build_config(parse_args(_argv(ce_dir, root, tmp_path / "b")))
+    # --cfg-options are applied before the splits are checked
+    cfg = build_config(parse_args([*_argv(ce_dir, root, tmp_path / "c"),
+                                   "test_dataloader.dataset.ann_file=ImageSets/Segmentation/trainval.txt"]))
+    assert cfg.test_dataloader.dataset.ann_file.endswith("trainval.txt")
+    cfg = build_config(parse_args(_argv(ce_dir, root, tmp_path / "d", "--holdout", "0.5")))
+    splits = tmp_path / "d" / "splits"
+    held, fit = (splits / "holdout.txt").read_text().split(), (splits / "0_train_fit.txt").read_text().split()
+    assert len(held) == 2 and sorted(held + fit) == sorted((root / "VOC2012/ImageSets/Segmentation/train.txt")
+                                                           .read_text().split())
+    assert not set(held) & set((splits / "1_aug_fit.txt").read_text().split())
+    test = cfg.test_dataloader.dataset
+    assert test.ann_file == str(splits / "holdout.txt") and test.data_prefix["seg_map_path"] == "SegmentationClass"
+
+
+@pytest.fixture(scope="module")
+def mm_voc(tmp_path_factory):
     pytest.importorskip("mmseg", reason="mmsegmentation is not installed")
     try:
         import mmcv.ops  # noqa: F401
     except (ImportError, ModuleNotFoundError):
         pytest.skip("mmseg needs mmcv with compiled ops (mmcv-lite lacks the ops mmseg imports)")
-    root = tmp_path_factory.mktemp("mmvoc")
-    devkit = make_synthetic_voc(root, num_images=8, size=64, year=2012)
-    return argparse.Namespace(model=str(ce_dir), data_root=str(devkit), config=None, work_dir=str(root / "work"),
-                              crop_size=131, max_iters=1, cfg_options={
-                                  "train_dataloader.batch_size": 2, "train_dataloader.num_workers": 0,
-                                  "train_dataloader.persistent_workers": False, "val_dataloader.num_workers": 0,
-                                  "val_dataloader.persistent_workers": False, "test_dataloader.num_workers": 0,
-                                  "test_dataloader.persistent_workers": False})
+    return make_synthetic_voc(tmp_path_factory.mktemp("mmvoc"), num_images=8, size=64, year=2012)
 
 
-def test_mmseg_segmentor_gets_every_tensor(mm_args, ce_dir):
+def _argv(ce_dir, devkit, out, *extra):
+    return ["--model", str(ce_dir), "--data-root", str(devkit), "--output-dir", str(out), "--crop-size", "131",
+            "--max-iters", "1", "--num-workers", "0", *extra, "--cfg-options", "train_dataloader.batch_size=2"]
+
+
+def test_mmseg_segmentor_gets_every_tensor(mm_voc, ce_dir, tmp_path):
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
 
-    from transfer.mmseg.train import CONFIG, build_config
+    from transfer.mmseg.train import build_config, parse_args
 
     register_all_modules()
-    mm_args.config = str(CONFIG)
-    cfg = build_config(mm_args)
+    cfg = build_config(parse_args(_argv(ce_dir, mm_voc, tmp_path)))
     segmentor = MODELS.build(cfg.model)
     segmentor.init_weights()
     ckpt = load_encoder(ce_dir)
@@ -67,9 +125,37 @@ def test_mmseg_segmentor_gets_every_tensor(mm_args, ce_dir):
     assert segmentor.data_preprocessor.mean.flatten().tolist() == pytest.approx([m * 255 for m in ckpt.mean])
 
 
-def test_mmseg_train_step_and_iou_metric(mm_args):
-    from transfer.mmseg.train import CONFIG, run
+def _count_metric_runs(monkeypatch) -> list:
+    """Spy on mmseg's IoUMetric: the real ``compute_metrics`` runs; each evaluation is recorded."""
+    from mmseg.evaluation import IoUMetric
 
-    mm_args.config = str(CONFIG)
-    metrics = run(mm_args)
-    assert "mIoU" in metrics and 0 <= metrics["mIoU"] <= 100
+    calls, compute = [], IoUMetric.compute_metrics
+
+    def counted(self, results):
+        calls.append(len(results))
+        return compute(self, results)
+
+    monkeypatch.setattr(IoUMetric, "compute_metrics", counted)
+    return calls
+
+
+def test_mmseg_train_evaluates_once_and_prints_miou(mm_voc, ce_dir, tmp_path, monkeypatch, capsys):
+    from transfer.mmseg.train import main
+
+    calls = _count_metric_runs(monkeypatch)
+    assert main(_argv(ce_dir, mm_voc, tmp_path)) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert calls == [4]  # the 4 val images, once
+    assert summary.startswith("aAcc ") and 0 <= float(summary.split("mIoU ")[1].split()[0]) <= 100
+
+
+def test_mmseg_holdout_trains_and_tests_once(mm_voc, ce_dir, tmp_path, monkeypatch, capsys):
+    from transfer.mmseg.train import main
+
+    root = tmp_path / "data"
+    shutil.copytree(mm_voc, root)
+    (root / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").unlink()
+    calls = _count_metric_runs(monkeypatch)
+    assert main(_argv(ce_dir, root, tmp_path / "out", "--holdout", "0.5")) == 0
+    assert calls == [2]  # the 2 held-out images, once
+    assert "mIoU" in capsys.readouterr().out.strip().splitlines()[-1]

@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ce_pretrain.atomic import ensure_writable_dir
+
 __all__ = [
     "EXIT_USAGE",
     "RunFlags",
@@ -218,10 +220,7 @@ def check_output_dir(path: str | os.PathLike, resume: bool = False, overwrite: b
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {str(out)!r} exists and is not a folder")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        ensure_writable_dir(out)
     except OSError as err:
         raise UsageError(f"--output-dir {str(out)!r} is not writable: {err.strerror or err}") from None
     earlier = [m for m in markers if (out / m).exists()]

@@ -86,7 +86,8 @@ def _channel_dim(layer: nn.Module) -> int:
 
 def _output_of(layer: nn.Module, forward: Callable, images: torch.Tensor) -> torch.Tensor:
     captured: list[torch.Tensor] = []
-    hook = layer.register_forward_hook(lambda _m, _i, out: captured.append(out.detach().clone()))  # before in-place ReLUs
+    # clone: the output is captured before in-place ReLUs change it
+    hook = layer.register_forward_hook(lambda _m, _i, out: captured.append(out.detach().clone()))
     try:
         with torch.no_grad():
             forward(images)

@@ -1,9 +1,10 @@
 """Any timm backbone in detectron2's ``BACKBONE_REGISTRY``, wrapped the way the context encoder trained it.
 
-``build_timm_backbone``: one feature map (AlexNet: relu5, conv5 at stride 16, for the paper's Fast R-CNN;
-other backbones: their last stage), named ``s<stride>``. ``build_timm_fpn_backbone``: detectron2's FPN over the
-last tap of each stride (``p2``-``p6``). Both read ``MODEL.TIMM.NAME`` and optionally ``MODEL.TIMM.TAPS``
-(``feature_info`` indices); the weights come from ``MODEL.WEIGHTS`` written by :mod:`transfer.detectron2.convert`.
+``build_timm_backbone``: one feature map, the single-scale tap of :mod:`transfer.common.features` (the deepest at
+stride ≤ 16: AlexNet's relu5 for the paper's Fast R-CNN, a ResNet's C4), named ``s<stride>``.
+``build_timm_fpn_backbone``: detectron2's FPN over the last tap of each stride (``p2``-``p6``). Both read
+``MODEL.TIMM.NAME`` and optionally ``MODEL.TIMM.TAPS`` (``feature_info`` indices); the weights come from
+``MODEL.WEIGHTS`` written by :mod:`transfer.detectron2.convert`.
 """
 
 from __future__ import annotations

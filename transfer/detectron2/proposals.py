@@ -11,11 +11,15 @@ The files distributed with Fast R-CNN (``selective_search_data/voc_2007_{trainva
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from ce_pretrain.atomic import write_atomic
+from transfer.common.cli import run_main
 
 __all__ = ["convert_selective_search"]
 
@@ -36,6 +40,11 @@ def convert_selective_search(mat_file: str | Path, output: str | Path, top_k: in
 
     if not Path(mat_file).is_file():
         raise FileNotFoundError(f"proposal file {str(mat_file)!r} does not exist")
+    out_dir = Path(output).parent
+    if not out_dir.is_dir():  # checked before the (slow) read, and not to be confused with a missing input
+        raise FileNotFoundError(f"output folder {str(out_dir)!r} of {str(output)!r} does not exist")
+    if not os.access(out_dir, os.W_OK):
+        raise PermissionError(f"output folder {str(out_dir)!r} of {str(output)!r} is not writable")
     data = loadmat(str(mat_file))
     if "boxes" not in data or "images" not in data:
         raise ValueError(f"{str(mat_file)!r} is not a selective-search file (needs 'boxes' and 'images')")
@@ -49,23 +58,24 @@ def convert_selective_search(mat_file: str | Path, output: str | Path, top_k: in
         # y1 x1 y2 x2 (1-based inclusive) → x0 y0 x1 y1 (continuous, as detectron2 reads VOC boxes)
         boxes.append(np.stack([b[:, 1] - 1, b[:, 0] - 1, b[:, 3], b[:, 2]], axis=1))
         logits.append(-np.arange(len(b), dtype=np.float32))
-    with open(output, "wb") as f:
-        pickle.dump({"ids": ids, "boxes": boxes, "objectness_logits": logits, "bbox_mode": 0}, f)
+    data = {"ids": ids, "boxes": boxes, "objectness_logits": logits, "bbox_mode": 0}
+    write_atomic(output, lambda tmp: tmp.write_bytes(pickle.dumps(data)))
     return len(ids)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    """Bad input: one line on stderr, exit status 2."""
+    p = argparse.ArgumentParser(prog="python -m transfer.detectron2.proposals", description=__doc__.split("\n\n")[0])
     p.add_argument("mat_file")
     p.add_argument("output")
     p.add_argument("--top-k", type=int)
-    args = p.parse_args(argv)
-    try:
+
+    def run(args: argparse.Namespace) -> None:
         n = convert_selective_search(args.mat_file, args.output, args.top_k)
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
-    print(f"wrote proposals of {n} images to {args.output}")
+        print(f"wrote proposals of {n} images to {args.output}")
+
+    return run_main(p, run, argv, errors=(OSError, ValueError))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

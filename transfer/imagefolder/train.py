@@ -27,7 +27,7 @@ import torch
 
 from ce_pretrain.atomic import write_text_atomic
 from transfer.common.checkpoint import EncoderCheckpoint, load_encoder
-from transfer.common.cli import add_common_args, check_output_dir, check_positive, run_main
+from transfer.common.cli import RunFlags, add_common_args, check_output_dir, check_positive, run_main
 from transfer.common.rescale import rescale_
 
 from .data import ImageFolderError, LabelledImages, eval_transform, scan, stratified_split
@@ -49,7 +49,7 @@ PRECISIONS = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
-class ImageFolderConfig:
+class ImageFolderConfig(RunFlags):
     """Flags of the entry point (see ``--help``)."""
 
     model: str
@@ -60,15 +60,7 @@ class ImageFolderConfig:
     output_dir: str = "runs/imagefolder"
     image_size: int | None = None
     batch_size: int = 64
-    num_workers: int = 2
-    seed: int = 0
     cpu: bool = False
-    mixed_precision: str | None = None
-    resume: str | None = None
-    overwrite: bool = False
-    max_time: float | None = None
-    log_with: list[str] = field(default_factory=lambda: ["csv"])
-    checkpoint_every: int = 1000
     k: int = 20
     temperature: float = 0.07
     selection_fraction: float = 0.2

@@ -9,7 +9,7 @@ from mmseg.registry import MODELS
 
 import ce_pretrain  # noqa: F401  (registers the paper's encoders in timm)
 from transfer.common.checkpoint import CheckpointError, load_strict
-from transfer.common.features import TimmFeatures
+from transfer.common.features import TimmFeatures, last_tap
 
 from .convert import BACKBONE_PREFIX
 
@@ -32,7 +32,7 @@ class CETimmBackbone(BaseModule):
                  init_cfg: dict | None = None):
         super().__init__(init_cfg)
         model = timm.create_model(model_name, pretrained=False, num_classes=0)
-        self.body = TimmFeatures(model, taps or [len(model.feature_info) - 1])
+        self.body = TimmFeatures(model, taps or [last_tap(model)])
         self.out_channels = self.body.out_channels
         self.checkpoint = checkpoint
 

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-from transfer.common.checkpoint import CheckpointError, EncoderCheckpoint, load_encoder
-from transfer.common.features import TimmFeatures
+from ce_pretrain.atomic import write_atomic
+from transfer.common.checkpoint import EncoderCheckpoint, load_encoder
+from transfer.common.cli import run_main
+from transfer.common.features import TimmFeatures, last_tap
 
 __all__ = ["BACKBONE_PREFIX", "convert", "mmseg_state_dict"]
 
@@ -26,7 +28,7 @@ BACKBONE_PREFIX = "backbone.body.model."
 def mmseg_state_dict(ckpt: EncoderCheckpoint) -> dict[str, torch.Tensor]:
     """The encoder (pruned after its last stage, as the FCN uses it) under mmseg segmentor keys."""
     model = ckpt.create_model()
-    keep = TimmFeatures(model, [len(model.feature_info) - 1]).model.state_dict()
+    keep = TimmFeatures(model, [last_tap(model)]).model.state_dict()
     return {BACKBONE_PREFIX + k: ckpt.state_dict[k] for k in keep}
 
 
@@ -37,20 +39,17 @@ def convert(source: str | EncoderCheckpoint, output: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"backbone": ckpt.backbone, "image_size": ckpt.image_size, "mean": [m * 255 for m in ckpt.mean],
             "std": [s * 255 for s in ckpt.std], "source": ckpt.source, "bgr_to_rgb": True}
-    torch.save({"state_dict": mmseg_state_dict(ckpt), "meta": meta}, out)
-    return out
+    data = {"state_dict": mmseg_state_dict(ckpt), "meta": meta}
+    return write_atomic(out, lambda tmp: torch.save(data, tmp))
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    """Bad input: one line on stderr, exit status 2."""
+    p = argparse.ArgumentParser(prog="python -m transfer.mmseg.convert", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="ContextEncoder dir, timm encoder dir, Hub id or random:<timm>")
     p.add_argument("--output", required=True, help="the .pth to write")
-    args = p.parse_args(argv)
-    try:
-        print(f"wrote {convert(args.model, args.output)}")
-    except CheckpointError as err:
-        sys.exit(f"error: {err}")
+    return run_main(p, lambda args: print(f"wrote {convert(args.model, args.output)}"), argv, errors=(OSError,))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,89 +1,189 @@
 """Train and evaluate an mmseg FCN over a pretrained encoder on PASCAL VOC2012 + SBD, with mmseg's own
 ``PascalVOCDataset`` and ``IoUMetric``.
 
-    python -m transfer.mmseg.train --model DIR_OR_HUB_ID --data-root VOCdevkit --work-dir runs/mmseg \\
-        [--config transfer/mmseg/configs/fcn_timm_voc12aug.py] [--max-iters N] [--cfg-options KEY=VALUE ...]
+    python -m transfer.mmseg.train --model DIR_OR_HUB_ID --data-root VOCdevkit --output-dir runs/mmseg \\
+        [--holdout 0.2] [--max-iters N] [--config transfer/mmseg/configs/fcn_timm_voc12aug.py] \\
+        [--cfg-options KEY=VALUE ...]
+    torchrun --nproc-per-node 8 -m transfer.mmseg.train ... --launcher pytorch      # several GPUs
 
-The encoder is converted into ``<work-dir>/encoder_mmseg.pth`` and loaded strictly; the head's input channels,
-the crop size and the pixel mean/std (the encoder's, × 255, RGB) are set from the checkpoint.
+The encoder is converted into ``<output-dir>/encoder_mmseg.pth`` and loaded strictly; the head's input channels,
+the crop size and the pixel mean/std (the encoder's, × 255, RGB) are set from the checkpoint. The test split
+(VOC2012 ``val``, or with ``--holdout`` a held-out part of the official ``train`` masks) is evaluated once, after
+training: there is no validation loop, since VOC's validation split is its test split.
 """
 
 from __future__ import annotations
 
 import argparse
+import numbers
 import sys
 from pathlib import Path
 
-from mmengine.config import Config, DictAction
-from mmengine.runner import Runner
-
-from transfer.common.checkpoint import CheckpointError, load_encoder
-from transfer.common.voc import VOCLayoutError, read_split, resolve_voc_dir
+from ce_pretrain.atomic import write_text_atomic
+from transfer.common.checkpoint import load_encoder
+from transfer.common.cli import UsageError, add_common_args, check_positive, run_main
+from transfer.common.voc import VOCLayoutError, holdout_split, resolve_voc_dir
 
 from .convert import convert
 
-__all__ = ["build_config", "run"]
+__all__ = ["CONFIG", "build_config", "format_metrics", "run"]
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "fcn_timm_voc12aug.py"
 
 
-def build_config(args: argparse.Namespace) -> Config:
-    """The mmseg config with the encoder, its preprocessing and the data root filled in."""
+def format_metrics(metrics: dict) -> str:
+    """``mIoU 61.20 aAcc 90.10 ...``: every scalar metric (``IoUMetric`` returns numpy floats)."""
+    return " ".join(f"{k} {float(v):.2f}" for k, v in metrics.items() if isinstance(v, numbers.Real))
+
+
+def _ann_path(ds) -> Path:
+    path = Path(ds.ann_file)
+    return path if path.is_absolute() else Path(ds.data_root) / path
+
+
+def _read_ids(ds) -> list[str]:
+    path = _ann_path(ds)
+    if not path.is_file():
+        raise VOCLayoutError(f"split file {str(path)!r} does not exist (a folder without a test list: --holdout F)")
+    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise VOCLayoutError(f"split file {str(path)!r} is empty")
+    return ids
+
+
+def _hold_out(cfg, train_sets: list, fraction: float, seed: int, split_dir: Path) -> None:
+    """Test on ``fraction`` of the first training set (the official masks, with their void border), train on
+    the rest of every training set; the split files are written under ``split_dir``."""
+    fit, held = holdout_split(_read_ids(train_sets[0]), fraction, seed)
+    held_set = set(held)
+    split_dir.mkdir(parents=True, exist_ok=True)
+    for i, ds in enumerate(train_sets):
+        ids = fit if i == 0 else [x for x in _read_ids(ds) if x not in held_set]
+        ds.ann_file = str(write_text_atomic(split_dir / f"{i}_{_ann_path(ds).stem}_fit.txt", "\n".join(ids) + "\n"))
+    test = cfg.test_dataloader.dataset
+    test.update(data_root=train_sets[0].data_root, data_prefix=dict(train_sets[0].data_prefix),
+                ann_file=str(write_text_atomic(split_dir / "holdout.txt", "\n".join(held) + "\n")))
+
+
+def build_config(args: argparse.Namespace):
+    """The mmseg config with the encoder, its preprocessing, the data root and the flags filled in, then the
+    ``--cfg-options`` (the user's word is final), then the splits checked (and carved with ``--holdout``).
+
+    Raises:
+        UsageError, CheckpointError, VOCLayoutError: one line for what is missing or does not fit.
+    """
+    from mmengine.config import Config
+
+    check_positive(crop_size=args.crop_size, max_iters=args.max_iters)
+    amp = args.mixed_precision not in (None, "no")
+    if amp:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--mixed-precision {args.mixed_precision} needs a GPU (mmengine's AmpOptimWrapper)")
     cfg = Config.fromfile(args.config)
     ckpt = load_encoder(args.model)
     voc = resolve_voc_dir(args.data_root, 2012)
-    work_dir = Path(args.work_dir)
+    work_dir = Path(args.output_dir)
     weights = convert(ckpt, work_dir / "encoder_mmseg.pth")
     channels = ckpt.create_model().feature_info[-1]["num_chs"]
     crop = (args.crop_size or ckpt.image_size,) * 2
-    preprocessor = dict(cfg.data_preprocessor, mean=[m * 255 for m in ckpt.mean], std=[s * 255 for s in ckpt.std],
-                        bgr_to_rgb=True, size=crop)
-    cfg.model.data_preprocessor = preprocessor
+    cfg.model.data_preprocessor = dict(cfg.data_preprocessor, mean=[m * 255 for m in ckpt.mean],
+                                       std=[s * 255 for s in ckpt.std], bgr_to_rgb=True, size=crop)
     cfg.model.backbone.update(model_name=ckpt.backbone, checkpoint=str(weights))
     cfg.model.decode_head.in_channels = channels
-    for ds in [*cfg.train_dataloader.dataset.datasets, cfg.val_dataloader.dataset, cfg.test_dataloader.dataset]:
+    train = cfg.train_dataloader.dataset
+    train_sets = list(train.datasets) if train.type == "ConcatDataset" else [train]
+    for ds in [*train_sets, cfg.test_dataloader.dataset]:
         ds.data_root = str(voc)
-        read_split(voc, "Segmentation", Path(ds.ann_file).stem)  # one clear line if a split file is missing
         for step in ds.pipeline:
             if step["type"] == "RandomCrop":
                 step["crop_size"] = crop
+    # the test split is VOC's val split: validating on it during training would evaluate it twice
+    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
     cfg.work_dir = str(work_dir)
+    cfg.randomness = dict(seed=args.seed)
+    # --resume: the latest checkpoint in the output dir (mmengine's resume=True), or the one given
+    cfg.resume = args.resume is not None
+    if args.resume not in (None, "latest"):
+        cfg.load_from = args.resume
+    cfg.launcher = args.launcher
+    for loader in (cfg.train_dataloader, cfg.test_dataloader):
+        loader.update(num_workers=args.num_workers, persistent_workers=args.num_workers > 0)
+    if amp:
+        cfg.optim_wrapper.update(type="AmpOptimWrapper", dtype={"fp16": "float16", "bf16": "bfloat16"}[
+            args.mixed_precision])
     if args.max_iters:
         cfg.train_cfg.max_iters = args.max_iters
-        cfg.train_cfg.val_interval = args.max_iters
         cfg.param_scheduler[0]["end"] = args.max_iters
         cfg.default_hooks.checkpoint.interval = args.max_iters
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
+    train = cfg.train_dataloader.dataset
+    train_sets = list(train.datasets) if train.type == "ConcatDataset" else [train]
+    if args.holdout:
+        _hold_out(cfg, train_sets, args.holdout, args.seed, work_dir / "splits")
+    for ds in [*train_sets, cfg.test_dataloader.dataset]:
+        _read_ids(ds)  # one clear line now rather than a traceback from inside mmengine's dataset build
     return cfg
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Train, then evaluate on the test split; returns mmseg's metrics (``{"mIoU": ..., "aAcc": ...}``)."""
-    runner = Runner.from_cfg(build_config(args))
+def run(cfg) -> dict:
+    """Train, then evaluate once on the test split; returns mmseg's metrics (``{"mIoU": ..., "aAcc": ...}``)."""
+    from mmengine.runner import Runner
+
+    runner = Runner.from_cfg(cfg)
     runner.train()
     return runner.test()
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="ContextEncoder dir, timm encoder dir, Hub id or random:<timm>")
+def build_parser() -> argparse.ArgumentParser:
+    """The shared transfer flags (``--model``, ``--output-dir``, ``--num-workers``, ``--mixed-precision``,
+    ``--seed``, ``--resume``), mmseg's (``--config``, ``--launcher``, ``--cfg-options``) and the data's."""
+    from mmengine.config import DictAction
+
+    p = argparse.ArgumentParser(prog="python -m transfer.mmseg.train", description=__doc__.split("\n\n")[0])
+    add_common_args(p, output_dir="runs/mmseg", only={"model", "output_dir", "num_workers", "mixed_precision", "seed",
+                                                        "resume"})
     p.add_argument("--data-root", required=True, help="VOCdevkit folder (or VOC2012 itself)")
     p.add_argument("--config", default=str(CONFIG))
-    p.add_argument("--work-dir", default="runs/mmseg")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="test on this fraction held out of the first training split (for folders without val)")
     p.add_argument("--crop-size", type=int, help="training crop (default: the pretraining size)")
     p.add_argument("--max-iters", type=int)
-    p.add_argument("--cfg-options", nargs="+", action=DictAction, help="KEY=VALUE config overrides")
-    return p.parse_args(argv)
+    p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none",
+                   help="mmengine's launcher: pytorch under torchrun, slurm under srun")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, help="KEY=VALUE config overrides (applied last)")
+    return p
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Bad input (flags, data, weights, config): one line on stderr, exit status 2, before any training."""
     try:
-        metrics = run(parse_args(argv))
-    except (CheckpointError, VOCLayoutError) as err:
-        sys.exit(f"error: {err}")
-    print(" ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)))
+        import mmcv.ops  # noqa: F401  (mmseg's models import them; mmcv-lite lacks them)
+        import mmseg  # noqa: F401
+    except ImportError as err:
+        print(f"python -m transfer.mmseg.train: error: {err}; install mmsegmentation and mmcv with its ops "
+              "(docs/transfer.md)", file=sys.stderr)
+        return 2
+
+    def checked_run(args: argparse.Namespace) -> None:
+        try:
+            cfg = build_config(args)
+        except (OSError, ValueError, KeyError) as err:
+            raise UsageError(str(err) or type(err).__name__) from None
+        metrics = run(cfg)
+        from mmengine.dist import is_main_process
+
+        if is_main_process():
+            print(format_metrics(metrics))
+
+    return run_main(build_parser(), checked_run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
