@@ -5,4 +5,6 @@ R-CNN) and ``torchvision_seg`` (FCN) run on any machine; ``detectron2`` and ``mm
 those libraries, which are imported only inside their folders. ``common`` holds what they share: checkpoint
 loading with preprocessing, where to tap a backbone (``features``), the flag vocabulary and exit codes (``cli``),
 the one accelerate fine-tuning engine (``engine``), the VOCdevkit dataset layer and the VOC metrics.
+``imagefolder`` answers "did my pretraining help?" on any ``class_name/*.jpg`` folders (fine-tune, linear probe,
+kNN); ``study`` is the feature study behind ``benchmarks/table2.py``.
 """
