@@ -14,11 +14,9 @@ Several GPUs: ``accelerate launch -m transfer.classification.train ...`` (``--ba
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 from accelerate.utils import set_seed
 from torch import nn
@@ -29,7 +27,7 @@ from transfer.common.checkpoint import EncoderCheckpoint
 from transfer.common.engine import EngineConfig, Task, fit
 from transfer.common.features import TimmFeatures
 from transfer.common.voc import holdout_split, read_split, resolve_voc_dir
-from transfer.common.voc_ap import classification_ap
+from transfer.common.voc_ap import ap_summary, classification_ap, format_per_class
 
 __all__ = ["ClassificationConfig", "run"]
 
@@ -126,8 +124,7 @@ def evaluate(model: nn.Module, dataset: VOCClassification, crops: int, batch_siz
         crop_scores = torch.cat(scores)
         total = crop_scores if total is None else total + crop_scores
     aps = classification_ap((total / crops).cpu().numpy(), torch.cat(targets).numpy())
-    return {"mAP": float(np.nanmean(aps)) * 100,
-            "per_class_AP": {c: (None if math.isnan(a) else a * 100) for c, a in zip(VOC_CLASSES, aps)}}
+    return ap_summary(aps, VOC_CLASSES)
 
 
 def run(cfg: ClassificationConfig) -> dict:
@@ -188,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         if result["complete"]:
             print(f"{result['mode']} {result['backbone']}: VOC{cfg.year} classification mAP {result['mAP']:.1f} "
                   f"({result['steps']} steps, {result['test_images']} test images); {cfg.output_dir}/results.json")
-            print("  " + "  ".join(f"{c} {a:.1f}" for c, a in result["per_class_AP"].items() if a is not None))
+            print(format_per_class(result["per_class_AP"]))
 
     return cli.run_main(parser, report, argv)
 

@@ -3,11 +3,12 @@ precision envelope (VOC2010+), for detection (mAP@0.5 IoU) and for multi-label c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["classification_ap", "detection_ap", "voc_ap"]
+__all__ = ["ap_summary", "classification_ap", "detection_ap", "format_per_class", "voc_ap"]
 
 
 def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = True) -> float:
@@ -109,3 +110,16 @@ def classification_ap(scores: np.ndarray, targets: np.ndarray, use_07_metric: bo
         fp = np.cumsum(~gt[order])
         aps[c] = voc_ap(tp / gt.sum(), tp / (tp + fp), use_07_metric)
     return aps
+
+
+def ap_summary(aps: Sequence[float], classes: Sequence[str]) -> dict:
+    """Per-class APs (fractions, NaN for a class absent from the test set) → ``{"mAP", "per_class_AP"}`` in percent,
+    absent classes as ``None`` and left out of the mean."""
+    aps = np.asarray(aps, dtype=float)
+    return {"mAP": float(np.nanmean(aps)) * 100,
+            "per_class_AP": {c: (None if math.isnan(a) else a * 100) for c, a in zip(classes, aps)}}
+
+
+def format_per_class(per_class: Mapping[str, float | None]) -> str:
+    """``"  aeroplane 12.3  bicycle 4.5 ..."``: the classes that have an AP, for the line after a result."""
+    return "  " + "  ".join(f"{c} {a:.1f}" for c, a in per_class.items() if a is not None)

@@ -88,7 +88,8 @@ class StudyError(ValueError):
 
 
 def row_batch_size(flags: list[str] | None, budget: Budget) -> int:
-    """Pretraining images per step of a row: its own ``--batch-size`` override (the last one wins), else the budget's."""
+    """Pretraining images per step of a row: its own ``--batch-size`` override (the last one wins), else the
+    budget's."""
     batch = budget.batch_size
     for flag, value in zip(flags or [], (flags or [])[1:]):
         if flag == "--batch-size":

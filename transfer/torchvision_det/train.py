@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from transfer.common import VOC_CLASSES, VOCDetection, cli, load_encoder
 from transfer.common.engine import EngineConfig, Task, fit
 from transfer.common.voc import holdout_split, read_split, resolve_voc_dir
-from transfer.common.voc_ap import detection_ap
+from transfer.common.voc_ap import ap_summary, detection_ap, format_per_class
 
 from .model import build_faster_rcnn
 
@@ -83,8 +83,7 @@ def evaluate(model: torch.nn.Module, dataset: VOCDetection, num_workers: int = 0
         for box, label, score in zip(out["boxes"].tolist(), out["labels"].tolist(), out["scores"].tolist()):
             detections[label - 1].append((image_id, score, box))
     aps = np.array([detection_ap(detections[c], ground_truth[c]) for c in range(len(VOC_CLASSES))])
-    return {"mAP": float(np.nanmean(aps)) * 100,
-            "per_class_AP": {c: (None if math.isnan(a) else a * 100) for c, a in zip(VOC_CLASSES, aps)}}
+    return ap_summary(aps, VOC_CLASSES)
 
 
 def run(cfg: DetectionConfig) -> dict:
@@ -151,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         if result["complete"]:
             print(f"Faster R-CNN {result['backbone']}: VOC{cfg.year} detection mAP@0.5 {result['mAP']:.1f} "
                   f"({result['steps']} steps, {result['test_images']} test images); {cfg.output_dir}/results.json")
-            print("  " + "  ".join(f"{c} {a:.1f}" for c, a in result["per_class_AP"].items() if a is not None))
+            print(format_per_class(result["per_class_AP"]))
 
     return cli.run_main(build_parser(), report, argv)
 
