@@ -16,6 +16,7 @@ from torch import nn
 from . import backbones as _backbones  # noqa: F401  (registers alexnet, alexnet_poolfree, dcgan_encoder)
 from .layers import ChannelWiseFC, UpConvDecoder, dcgan_init_, num_upconvs
 from .masks import TRAIN_MASK_KINDS, MaskRule
+from .sources import looks_like_hub_id
 from .weights import IncompatibleCheckpointError, load_state_dict_strict
 
 __all__ = ["ContextEncoder", "IncompatibleCheckpointError", "UnknownBackboneError", "resolve_backbone_name"]
@@ -291,7 +292,7 @@ class ContextEncoder(
             return super().from_pretrained(str(path), **kwargs)
         if path.exists():
             raise FileNotFoundError(f"{ref!r} is a file; pass the folder written by save_pretrained")
-        if not _looks_like_repo_id(ref):
+        if not looks_like_hub_id(ref):
             raise FileNotFoundError(f"no such folder: {ref!r}")
         try:
             return super().from_pretrained(ref, **kwargs)
@@ -361,10 +362,3 @@ class ContextEncoder(
 
         return ModelCard(render_model_card(self.config, training, evaluation, model_id=repo_id,
                                            num_parameters=sum(p.numel() for p in self.parameters())))
-
-
-def _looks_like_repo_id(ref: str) -> bool:
-    """``owner/name`` as the Hub spells repositories; paths (``./x``, ``/x``, ``~/x``, ``a/b/c``) are not."""
-    owner, _, name = ref.partition("/")
-    ok = all(part and part[0] not in ".-~" and all(c.isalnum() or c in "-_." for c in part) for part in (owner, name))
-    return ok and ref.count("/") == 1

@@ -15,7 +15,7 @@ from PIL import Image
 
 from .data import _BAD_IMAGE, DataSourceError, list_images
 
-__all__ = ["open_source", "sample_images"]
+__all__ = ["looks_like_hub_id", "open_source", "sample_images"]
 
 # real photographs shipped inside packages the project depends on: (package, path inside it)
 _SAMPLES = [
@@ -82,11 +82,13 @@ def _check_readable(files: Sequence[Path], data: str) -> None:
     raise DataSourceError(f"{what} in {data!r} can be read as an image (e.g. {reasons[0]})")
 
 
-def _looks_like_dataset_id(data: str) -> bool:
-    """``name`` or ``owner/name`` as the Hub spells datasets; paths (``./x``, ``/x``, ``~/x``, ``a/b/c``) are not."""
-    parts = data.split("/")
-    return len(parts) <= 2 and all(p and p[0] not in ".-~" and all(c.isalnum() or c in "-_." for c in p)
-                                   for p in parts)
+def looks_like_hub_id(ref: str, owner_required: bool = True) -> bool:
+    """``owner/name`` (or, without ``owner_required``, a bare ``name``) as the Hub spells repositories; paths
+    (``./x``, ``/x``, ``~/x``, ``a/b/c``) are not. Models need the owner; datasets may be bare names."""
+    parts = ref.split("/")
+    if len(parts) > 2 or (owner_required and len(parts) != 2):
+        return False
+    return all(p and p[0] not in ".-~" and all(c.isalnum() or c in "-_." for c in p) for p in parts)
 
 
 def open_source(data: str | None, split: str = "train", streaming: bool = False) -> tuple[object, str | None, str]:
@@ -118,7 +120,7 @@ def open_source(data: str | None, split: str = "train", streaming: bool = False)
         if streaming:
             return ds.to_iterable_dataset(), _hf_image_column(ds), f"dataset {data!r} ({split}), streamed"
         return ds, _hf_image_column(ds), f"Hugging Face dataset {data!r} ({split}): {len(ds)} images"
-    if path.exists() or not _looks_like_dataset_id(data):
+    if path.exists() or not looks_like_hub_id(data, owner_required=False):
         files = list_images(path.expanduser())
         _check_readable(files, data)
         return files, None, f"image folder {data!r}: {len(files)} images"

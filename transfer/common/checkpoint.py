@@ -151,8 +151,6 @@ def load_encoder(source: str | os.PathLike, image_size: int | None = None) -> En
         raise CheckpointError(f"checkpoint {source!r} is not a directory (nor a Hub id of the form owner/name)")
     try:
         model = ContextEncoder.from_pretrained(source)
-    except (IncompatibleCheckpointError, FileNotFoundError, TypeError, ValueError) as err:
-        raise CheckpointError(f"cannot load ContextEncoder from {source!r}: {str(err).splitlines()[0]}") from None
-    except OSError as err:  # Hub errors (offline, unknown repo) derive from OSError
+    except (IncompatibleCheckpointError, OSError, TypeError, ValueError) as err:  # OSError: no folder, Hub errors
         raise CheckpointError(f"cannot load ContextEncoder from {source!r}: {str(err).splitlines()[0]}") from None
     return _from_context_encoder(model, source)
