@@ -159,3 +159,88 @@ def test_mmseg_holdout_trains_and_tests_once(mm_voc, ce_dir, tmp_path, monkeypat
     assert main(_argv(ce_dir, root, tmp_path / "out", "--holdout", "0.5")) == 0
     assert calls == [2]  # the 2 held-out images, once
     assert "mIoU" in capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_mmseg_output_dir_of_an_earlier_run_is_refused(mm_voc, ce_dir, tmp_path, capsys):
+    from transfer.mmseg.train import main
+
+    (tmp_path / "iter_5.pth").write_bytes(b"an earlier run")
+    assert main(_argv(ce_dir, mm_voc, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "earlier run" in err and "--overwrite" in err
+    assert not (tmp_path / "encoder_mmseg.pth").exists()  # refused before anything was written
+    assert main(_argv(ce_dir, mm_voc, tmp_path, "--overwrite")) == 0
+    assert not (tmp_path / "iter_5.pth").exists() and (tmp_path / "iter_1.pth").is_file()
+
+
+def test_mmseg_max_time_saves_a_checkpoint_that_resume_continues(mm_voc, ce_dir, tmp_path, monkeypatch, capsys):
+    from transfer.mmseg.train import main
+
+    argv = [*_argv(ce_dir, mm_voc, tmp_path)]
+    argv[argv.index("--max-iters") + 1] = "3"
+    calls = _count_metric_runs(monkeypatch)
+    assert main([*argv, "--max-time", "0.001"]) == 0  # the budget was asked for: status 0
+    captured = capsys.readouterr()
+    assert "stopped by --max-time after iteration 1/3" in captured.err and "--resume" in captured.err
+    assert calls == [] and not [ln for ln in captured.out.splitlines() if ln.startswith("aAcc ")]  # not tested
+    assert (tmp_path / "last_checkpoint").read_text().strip() == str(tmp_path / "iter_1.pth")
+    # mmengine's checkpoint (optimiser, schedulers, log history) reads back under weights_only=True
+    assert main([*argv, "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert "resumed epoch: 0, iter: 1" in captured.out + captured.err
+    assert calls == [4] and "mIoU" in captured.out.strip().splitlines()[-1]
+
+
+def test_mmseg_sigterm_mid_run_saves_and_exits_143(mm_voc, ce_dir, tmp_path, monkeypatch, capsys):
+    """A real SIGTERM to this process during the second iteration, through the handler the run installs."""
+    import os
+    import signal
+
+    from transfer.mmseg import train
+
+    real = train.stop_hook
+
+    def signalling(stop):
+        hook = real(stop)
+        after = hook.after_train_iter
+
+        def after_train_iter(runner, batch_idx, data_batch=None, outputs=None):
+            if runner.iter == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            after(runner, batch_idx, data_batch=data_batch, outputs=outputs)
+
+        hook.after_train_iter = after_train_iter
+        return hook
+
+    monkeypatch.setattr(train, "stop_hook", signalling)
+    argv = [*_argv(ce_dir, mm_voc, tmp_path)]
+    argv[argv.index("--max-iters") + 1] = "10"
+    assert train.main(argv) == 143
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM after iteration 2/10" in err
+    assert (tmp_path / "last_checkpoint").read_text().strip() == str(tmp_path / "iter_2.pth")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_resume_reads_mmengine_history_but_refuses_any_other_getattr(tmp_path):
+    pytest.importorskip("mmengine", reason="mmengine is not installed")
+    from mmengine.logging import HistoryBuffer
+
+    from transfer.mmseg.train import _safe_checkpoint_types
+
+    history = HistoryBuffer()
+    history.update(2.0)
+    torch.save({"log": history, "array": np.arange(3.0), "scalar": np.float32(1.5)}, tmp_path / "ok.pth")
+
+    class Crafted:
+        def __reduce__(self):
+            return getattr, (HistoryBuffer, "__init__")  # a first step towards a function's globals
+
+    torch.save({"x": Crafted()}, tmp_path / "crafted.pth")
+    with torch.serialization.safe_globals(_safe_checkpoint_types()):
+        loaded = torch.load(tmp_path / "ok.pth", weights_only=True)
+        with pytest.raises(Exception, match="refusing getattr"):
+            torch.load(tmp_path / "crafted.pth", weights_only=True)
+    assert loaded["log"].mean() == 2.0 and loaded["array"].tolist() == [0, 1, 2] and loaded["scalar"] == 1.5
+    with pytest.raises(Exception, match="HistoryBuffer"):  # and without the allowlist, nothing of it loads
+        torch.load(tmp_path / "ok.pth", weights_only=True)

@@ -10,25 +10,38 @@ The encoder is converted into ``<output-dir>/encoder_mmseg.pth`` and loaded stri
 the crop size and the pixel mean/std (the encoder's, × 255, RGB) are set from the checkpoint. The test split
 (VOC2012 ``val``, or with ``--holdout`` a held-out part of the official ``train`` masks) is evaluated once, after
 training: there is no validation loop, since VOC's validation split is its test split.
+
+A run never clobbers another: an output folder holding mmengine checkpoints is refused unless ``--resume``
+continues it or ``--overwrite`` starts afresh (deleting them), and a lock keeps two runs out of one folder. SIGINT /
+SIGTERM and ``--max-time`` end training after the current iteration with a checkpoint that ``--resume`` continues
+from (no test then); a signal exits with 128 + its number, ``--max-time`` with 0. mmengine's checkpoints are read
+back with ``torch.load(weights_only=True)``, allowing only the plain mmengine/numpy types they hold.
 """
 
 from __future__ import annotations
 
 import argparse
 import numbers
+import pickle
 import sys
+import time
 from pathlib import Path
 
 from ce_pretrain.atomic import write_text_atomic
+from ce_pretrain.stopping import StopRequest, agreed, describe
 from transfer.common.checkpoint import load_encoder
-from transfer.common.cli import UsageError, add_common_args, check_positive, run_main
+from transfer.common.cli import RunInterrupted, UsageError, add_common_args, check_positive, claim_output_dir, run_main
 from transfer.common.voc import VOCLayoutError, holdout_split, resolve_voc_dir
 
 from .convert import convert
 
-__all__ = ["CONFIG", "build_config", "format_metrics", "run"]
+__all__ = ["CONFIG", "RUN_MARKERS", "build_config", "format_metrics", "run", "stop_hook"]
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "fcn_timm_voc12aug.py"
+# what training leaves in the output folder (--overwrite deletes exactly these)
+RUN_MARKERS = ("last_checkpoint", "iter_*.pth")
+# iterations between the all-reduces by which several processes agree to stop (one process checks every iteration)
+STOP_SYNC_EVERY = 20
 
 
 def format_metrics(metrics: dict) -> str:
@@ -128,12 +141,90 @@ def build_config(args: argparse.Namespace):
     return cfg
 
 
-def run(cfg) -> dict:
-    """Train, then evaluate once on the test split; returns mmseg's metrics (``{"mIoU": ..., "aAcc": ...}``)."""
+def stop_hook(stop: StopRequest):
+    """An mmengine hook that ends training after the iteration in which ``stop`` asks for it (agreed by every
+    process): it saves ``iter_<N>.pth`` with optimiser and schedulers, points ``last_checkpoint`` at it (which
+    ``--resume`` reads) and sets the loop's ``stop_training``. Its ``code`` is then the stop code."""
+    from mmengine.dist import barrier, is_main_process
+    from mmengine.hooks import Hook
+
+    class StopHook(Hook):
+        priority = "LOWEST"  # after the optimiser step and every other hook's bookkeeping
+
+        def __init__(self):
+            self.code, self.checkpoint = 0, None
+
+        def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+            done = runner.iter + 1
+            if done >= runner.max_iters:
+                return
+            device = next(runner.model.parameters()).device
+            self.code = agreed(stop, device, sync=done % STOP_SYNC_EVERY == 0)
+            if not self.code:
+                return
+            name = f"iter_{done}.pth"
+            runner.save_checkpoint(runner.work_dir, name, by_epoch=False)  # meta "iter" = done: resume starts there
+            self.checkpoint = Path(runner.work_dir) / name
+            if is_main_process():  # mmengine's resume=True reads the path in last_checkpoint
+                write_text_atomic(Path(runner.work_dir) / "last_checkpoint", str(self.checkpoint))
+            barrier()
+            runner.train_loop.stop_training = True
+
+    return StopHook()
+
+
+def _safe_checkpoint_types() -> list:
+    """What mmengine's own checkpoints hold beyond tensors and builtins, for ``torch.load(weights_only=True)``: its
+    log history (``HistoryBuffer``, which pickles its statistics methods as ``getattr(HistoryBuffer, "min")``) and
+    numpy arrays and scalars. ``getattr`` itself is never allowed (it reaches anything); a stand-in answers exactly
+    those lookups and refuses every other."""
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+
+    statistics = {"min", "max", "current", "mean"}
+
+    def history_method(owner, name: str):
+        if owner is HistoryBuffer and name in statistics | set(HistoryBuffer._statistics_methods):
+            return getattr(owner, name)
+        raise pickle.UnpicklingError(f"refusing getattr({owner!r}, {name!r}) in a checkpoint")
+
+    core = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # numpy 2 / 1
+    dtypes = {type(np.dtype(code)) for code in np.typecodes["All"]}
+    return [HistoryBuffer, np.ndarray, np.dtype, core._reconstruct, core.scalar, *dtypes,
+            (history_method, "builtins.getattr")]
+
+
+def run(cfg, max_time: float | None = None, started: float | None = None) -> dict:
+    """Train, then evaluate once on the test split; returns mmseg's metrics (``{"mIoU": ..., "aAcc": ...}``).
+
+    Args:
+        cfg: :func:`build_config`'s config.
+        max_time: seconds after ``started`` (``time.monotonic()``, default now) at which training stops cleanly.
+
+    Returns:
+        the metrics; ``{}`` when ``--max-time`` stopped training (no test then).
+
+    Raises:
+        RunInterrupted: SIGINT / SIGTERM stopped training, after the checkpoint was saved.
+    """
+    import torch
+    from mmengine.dist import is_main_process
     from mmengine.runner import Runner
 
-    runner = Runner.from_cfg(cfg)
-    runner.train()
+    with StopRequest(max_time, start=started) as stop, torch.serialization.safe_globals(_safe_checkpoint_types()):
+        runner = Runner.from_cfg(cfg)
+        hook = stop_hook(stop)
+        runner.register_hook(hook)
+        runner.train()
+    if hook.code:
+        reason = "--max-time" if hook.code == 1 else describe(hook.code)
+        message = (f"stopped by {reason} after iteration {runner.iter}/{runner.max_iters}: checkpoint "
+                   f"{hook.checkpoint}; to continue, rerun the same command with --resume")
+        if is_main_process():
+            print(f"python -m transfer.mmseg.train: {message}", file=sys.stderr, flush=True)
+        if hook.code > 1:
+            raise RunInterrupted("", hook.code)
+        return {}
     return runner.test()
 
 
@@ -144,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="python -m transfer.mmseg.train", description=__doc__.split("\n\n")[0])
     add_common_args(p, output_dir="runs/mmseg", only={"model", "output_dir", "num_workers", "mixed_precision", "seed",
-                                                        "resume"})
+                                                        "resume", "overwrite", "max_time"})
     p.add_argument("--data-root", required=True, help="VOCdevkit folder (or VOC2012 itself)")
     p.add_argument("--config", default=str(CONFIG))
     p.add_argument("--holdout", type=float, default=0.0,
@@ -172,14 +263,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def checked_run(args: argparse.Namespace) -> None:
-        try:
-            cfg = build_config(args)
-        except (OSError, ValueError, KeyError) as err:
-            raise UsageError(str(err) or type(err).__name__) from None
-        metrics = run(cfg)
+        started = time.monotonic()
+        # before build_config writes the converted encoder into it
+        with claim_output_dir(args.output_dir, resume=args.resume is not None, overwrite=args.overwrite,
+                              markers=RUN_MARKERS):
+            try:
+                cfg = build_config(args)
+            except (OSError, ValueError, KeyError) as err:
+                raise UsageError(str(err) or type(err).__name__) from None
+            metrics = run(cfg, args.max_time, started)
         from mmengine.dist import is_main_process
 
-        if is_main_process():
+        if metrics and is_main_process():
             print(format_metrics(metrics))
 
     return run_main(build_parser(), checked_run, argv)
