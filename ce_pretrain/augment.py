@@ -11,10 +11,11 @@
   grey-scale: in MoCo it removes a shortcut of matching two views by their colour histograms, which a reconstruction
   objective does not have, and a grey image would only make its target easier.
 
-The same draws are made on both data paths: the PIL loader (:mod:`ce_pretrain.data`, a Python ``random.Random`` per
-``(seed, epoch, index)``) and the device path (:mod:`ce_pretrain.gpu_data`, a device generator per batch), where
-boxes are resampled with ``grid_sample`` and the jitter runs in float on the device before rounding back to uint8.
-Both paths therefore hand the training loop uint8 crops.
+Both data paths follow the same rules and hand the training loop uint8 crops: the PIL loader (:mod:`ce_pretrain.data`,
+draws from a Python ``random.Random`` per ``(seed, epoch, index)``) resizes boxes with PIL and jitters with PIL's
+``ImageEnhance`` (as torchvision does for PIL images, rounding to 8 bits after each step); the device path
+(:mod:`ce_pretrain.gpu_data`, draws from a device generator per batch) resamples boxes with ``grid_sample`` and
+jitters in float on the device (:func:`color_jitter`, torchvision's tensor formulas) before rounding to uint8.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import random
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 __all__ = ["AUGMENTS", "DRAWS", "JITTER", "JITTER_P", "RRC_RATIO", "RRC_SCALE", "color_jitter", "jitter_factors",
            "pil_resized_crop", "random_resized_box", "resized_crops"]
@@ -67,12 +68,12 @@ def pil_resized_crop(img: Image.Image, size: int, rng: random.Random, jitter: bo
     img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
     if rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    crop = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
-    if not jitter:
-        return crop
-    factors = torch.tensor([jitter_factors(rng)])
-    jittered = color_jitter(torch.from_numpy(crop)[None].float(), factors, peak=255.0)
-    return jittered.round_().to(torch.uint8)[0].numpy()
+    if jitter:  # PIL's enhancers, as torchvision's ColorJitter on PIL images: no torch threads in a loader worker
+        brightness, contrast, saturation = jitter_factors(rng)
+        img = ImageEnhance.Brightness(img).enhance(brightness)
+        img = ImageEnhance.Contrast(img).enhance(contrast)
+        img = ImageEnhance.Color(img).enhance(saturation)
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
 def color_jitter(images: torch.Tensor, factors: torch.Tensor, peak: float = 1.0) -> torch.Tensor:
