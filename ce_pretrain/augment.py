@@ -63,7 +63,7 @@ def jitter_factors(rng: random.Random) -> tuple[float, float, float]:
 
 
 def pil_resized_crop(img: Image.Image, size: int, rng: random.Random, jitter: bool) -> np.ndarray:
-    """Random-resized crop of ``img`` to ``size``², flip half the time, optionally colour jitter → uint8 ``[3, S, S]``."""
+    """Random-resized crop of ``img`` to ``size``², a flip half the time, optionally colour jitter → ``[3, S, S]``."""
     left, top, w, h = random_resized_box(rng, *img.size)
     img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
     if rng.random() < 0.5:
@@ -91,9 +91,9 @@ def color_jitter(images: torch.Tensor, factors: torch.Tensor, peak: float = 1.0)
         float ``[B, 3, H, W]`` in [0, peak].
     """
     f = factors.to(images.dtype)[:, :, None, None]  # [B, 3, 1, 1]
-    luma = torch.tensor(_GREY, dtype=images.dtype, device=images.device)
     x = (images * f[:, 0:1]).clamp_(0, peak)
-    mean = (x.mean((2, 3)) @ luma)[:, None, None, None]  # mean grey level = luma of the channel means
+    means = x.mean((2, 3), keepdim=True)  # [B, 3, 1, 1]; the mean grey level is the luma of the channel means
+    mean = means[:, 0:1] * _GREY[0] + means[:, 1:2] * _GREY[1] + means[:, 2:3] * _GREY[2]
     x.mul_(f[:, 1:2]).add_(mean * (1 - f[:, 1:2])).clamp_(0, peak)
     grey = x[:, 0:1] * _GREY[0] + x[:, 1:2] * _GREY[1] + x[:, 2:3] * _GREY[2]  # [B, 1, H, W] (a 1×1 conv is slower)
     return x.mul_(f[:, 2:3]).add_(grey * (1 - f[:, 2:3])).clamp_(0, peak)

@@ -10,8 +10,9 @@ The crops are of the same kind as the loader's: a random S×S window of the resi
 drawn from the central square instead of the whole resized image (the part outside it is at most 12 % of the
 longer side for 4:3 photographs). With ``--augment rrc`` / ``rrc+jitter`` the boxes of random-resized crops are
 drawn within that square and resampled with ``grid_sample``, and the colour jitter runs in float on the device
-before the crops are rounded back to uint8 (:func:`ce_pretrain.augment.resized_crops`). Data order follows :class:`~ce_pretrain.data.EpochSampler`, and the crops of a
-batch are a pure function of the seed and the batch's position, so a resumed run sees exactly the same batches.
+before the crops are rounded back to uint8 (:func:`ce_pretrain.augment.resized_crops`). Data order follows
+:class:`~ce_pretrain.data.EpochSampler`, and the crops of a batch are a pure function of the seed and the batch's
+position, so a resumed run sees exactly the same batches.
 """
 
 from __future__ import annotations
