@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from ce_pretrain import ContextEncoder
-from ce_pretrain.checkpoint import latest_checkpoint
+from ce_pretrain.checkpoint import check_resumable, latest_checkpoint
+from ce_pretrain.config import build_parser, resolve_config
 from ce_pretrain.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,6 +185,15 @@ def test_resume_of_another_run_is_refused(image_folder, tmp_path, capsys):
     args[args.index("resnet18")] = "resnet34"
     assert main(args) == 2
     assert "belongs to another run" in capsys.readouterr().err
+    args[args.index("resnet34")] = "resnet18"
+    assert main([*args, "--decoder-norm", "none"]) == 2  # another decoder: its weights cannot load
+    assert "decoder_norm: checkpoint 'batch' vs now 'none'" in capsys.readouterr().err
+    # a checkpoint written before a key existed ran with that key's default: it still resumes
+    ckpt = latest_checkpoint(out)
+    run_json = json.loads((ckpt / "run.json").read_text())
+    del run_json["config"]["decoder_norm"]
+    (ckpt / "run.json").write_text(json.dumps(run_json))
+    check_resumable(ckpt, resolve_config(build_parser().parse_args(args)))
 
 
 def test_inpainting_preset_joint_loss_bf16(image_folder, tmp_path):
