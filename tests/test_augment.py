@@ -126,3 +126,9 @@ def test_device_rrc_boxes_cover_the_scale_range():
     span = (out[:, 0, 0, :].amax(1) - out[:, 0, 0, :].amin(1)) / 255  # ≈ the box's width in units of the side
     assert span.min() < 0.55 and span.max() > 0.95
     assert span.min() > math.sqrt(RRC_SCALE[0] * RRC_RATIO[0]) - 0.1  # never below the narrowest allowed box
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rrc_and_jitter_on_the_gpu(cache):
+    crops, _ = next(iter(CachedCrops(cache, SIZE, 4, "cuda", seed=3, augment="rrc+jitter")))
+    assert crops.device.type == "cuda" and crops.shape == (4, 3, SIZE, SIZE) and crops.dtype == torch.uint8
