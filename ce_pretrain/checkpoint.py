@@ -7,7 +7,6 @@
   ``weights_only=False``) and lets accelerate load the rest, which it does with ``torch.load(weights_only=True)``.
 * :func:`prepare_output_dir` refuses an output folder holding another run unless ``--resume`` or ``--overwrite``
   says what to do with it, checks that it is writable, and takes a :class:`RunLock` against concurrent runs.
-* :class:`StopRequest` turns SIGINT / SIGTERM and ``--max-time`` into a stop at the end of the current step.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import time
 from pathlib import Path
@@ -25,7 +23,7 @@ from pathlib import Path
 from .atomic import ensure_writable_dir, write_text_atomic
 from .config import ConfigError, TrainConfig
 
-__all__ = ["ARCHITECTURE_KEYS", "RunLock", "StopRequest", "TrainState", "check_resumable", "checkpoint_dir",
+__all__ = ["ARCHITECTURE_KEYS", "RunLock", "TrainState", "check_resumable", "checkpoint_dir",
            "latest_checkpoint", "load_checkpoint", "prepare_output_dir", "read_run_json", "save_checkpoint"]
 
 CHECKPOINT_PREFIX = "step_"
@@ -204,6 +202,12 @@ class RunLock:
             return True  # exists, owned by someone else
         return True
 
+    def __enter__(self) -> RunLock:
+        return self if self.held else self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
     def release(self) -> None:
         if self.held:
             self.path.unlink(missing_ok=True)
@@ -245,53 +249,3 @@ def prepare_output_dir(cfg: TrainConfig) -> RunLock:
             elif target.exists() or target.is_symlink():
                 target.unlink()
     return lock
-
-
-# ---------------------------------------------------------------------------------------------------- stopping
-class StopRequest:
-    """SIGINT / SIGTERM and a time budget, turned into a stop at the end of the current step.
-
-    The first signal only sets :attr:`signal`; the loop finishes its step, saves a checkpoint and the model and
-    exits with 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM). A second signal exits at once: every
-    file is written to a temporary name and renamed, so at worst a temporary file is left, never a damaged one.
-
-    Use as a context manager around the run; handlers are restored on exit.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, max_time: float | None = None, start: float | None = None, log=print):
-        self.max_time, self.start, self.log = max_time, time.monotonic() if start is None else start, log
-        self.signal: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> StopRequest:
-        for sig in self.SIGNALS:
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: the caller handles signals
-                pass
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum: int, _frame) -> None:
-        if self.signal is not None:
-            os.write(2, f"\n{signal.Signals(signum).name} again: exiting now, without saving\n".encode())
-            os._exit(128 + signum)
-        self.signal = signum
-        os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint and the "
-                    f"model (send it again to exit at once)\n".encode())
-
-    @property
-    def out_of_time(self) -> bool:
-        return self.max_time is not None and time.monotonic() - self.start >= self.max_time
-
-    def code(self) -> int:
-        """This process's wish: 0 = go on, 1 = time is up, 128 + N = signal N (the larger wins across ranks)."""
-        if self.signal is not None:
-            return 128 + self.signal
-        return 1 if self.out_of_time else 0

@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 from .atomic import write_text_atomic
 from .checkpoint import (
     RunLock,
-    StopRequest,
     TrainState,
     check_resumable,
     checkpoint_dir,
@@ -43,6 +42,7 @@ from .gpu_data import CachedCrops, open_cache
 from .masks import ShapeBank
 from .objective import ContextEncoderObjective, NonFiniteMonitor, all_finite, step_seed
 from .schedule import lr_factor
+from .stopping import StopRequest, agreed, describe, exit_status
 from .tracking import make_trackers, tracker_config
 
 __all__ = ["STOP_SYNC_EVERY", "check_nonfinite", "claim_output_dir", "ensure_finite_weights", "finish",
@@ -158,15 +158,7 @@ def should_stop(accelerator: Accelerator, stop: StopRequest | None, step: int) -
     :data:`STOP_SYNC_EVERY` steps, at the same steps on every rank, so that all of them stop after the same step
     and the collective cannot deadlock.
     """
-    if stop is None:
-        return 0
-    if accelerator.num_processes == 1:
-        return stop.code()
-    if step % STOP_SYNC_EVERY:
-        return 0
-    wish = torch.tensor([stop.code()], device=accelerator.device)
-    torch.distributed.all_reduce(wish, op=torch.distributed.ReduceOp.MAX)
-    return int(wish.item())
+    return agreed(stop, accelerator.device, sync=step % STOP_SYNC_EVERY == 0)
 
 
 def train_loop(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEncoderObjective, loader,
@@ -366,8 +358,8 @@ def _run(cfg: TrainConfig, items, image_column: str | None, description: str, re
         "images_per_second": round(images_seen / max(elapsed, 1e-9), 2), "final": last,
         "skipped_files": sorted(set().union(*gather_object([state.skipped]))), "data": description,
         "processes": accelerator.num_processes, "mixed_precision": cfg.mixed_precision,
-        "config": dataclasses.asdict(cfg), "exit_code": 0 if stopped <= 1 else stopped,
-        "stopped": None if not stopped else "--max-time" if stopped == 1 else signal.Signals(stopped - 128).name,
+        "config": dataclasses.asdict(cfg), "exit_code": exit_status(stopped),
+        "stopped": describe(stopped),
     }
     finish(cfg, accelerator, objective, state, summary, samples, resume_command)
     accelerator.wait_for_everyone()

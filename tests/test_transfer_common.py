@@ -25,6 +25,7 @@ from transfer.common.cli import (
     UsageError,
     add_common_args,
     check_output_dir,
+    claim_output_dir,
     check_positive,
     parse_duration,
     run_main,
@@ -295,6 +296,32 @@ def test_common_flags_defaults_and_exit_codes(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_main(_parser(), lambda a: None, ["--model", "m", "--mixed-precision", "fp8"])
     assert exit_info.value.code == 2
+
+
+def test_claim_output_dir_locks_and_overwrite_deletes_only_the_earlier_run(tmp_path, monkeypatch):
+    from ce_pretrain.checkpoint import LOCK_NAME
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_00000099").mkdir(parents=True)  # a longer earlier run: resume would pick it up
+    (out / "results.json").write_text("{}")
+    (out / "notes.txt").write_text("the user's own")
+    with pytest.raises(UsageError, match="holds an earlier run"):
+        with claim_output_dir(out):
+            pass
+    with claim_output_dir(out, overwrite=True) as claimed:
+        assert claimed == out and (out / LOCK_NAME).is_file()
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "notes.txt"]
+        with pytest.raises(UsageError, match="another run"), claim_output_dir(out):
+            pass
+    assert not (out / LOCK_NAME).exists()
+    with claim_output_dir(out, resume=True):  # resume keeps what is there
+        assert (out / "notes.txt").exists()
+    (out / "model_0000009.pth").write_bytes(b"")
+    with pytest.raises(UsageError, match=r"model_\*\.pth"), claim_output_dir(out, markers=("model_*.pth",)):
+        pass
+    monkeypatch.setenv("RANK", "1")  # a launched worker: the main process holds the claim
+    with claim_output_dir(out, resume=True):
+        assert not (out / LOCK_NAME).exists()
 
 
 def test_check_output_dir(tmp_path):

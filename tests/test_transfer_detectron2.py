@@ -388,3 +388,82 @@ def test_two_processes_through_detectron2_launch(ce_dirs, d2_voc, tmp_path):
                           capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(_result_lines(done.stdout)) == 1 and (tmp_path / "model_final.pth").is_file()
+
+
+def test_output_dir_of_an_earlier_run_is_refused_and_locked(ce_dirs, d2_voc, tmp_path, capsys):
+    import json
+    import os
+    import socket
+
+    from ce_pretrain.checkpoint import LOCK_NAME
+    from transfer.detectron2.train_net import main
+
+    devkit, root = d2_voc
+    argv = _argv("fast_rcnn_alexnet_voc07.yaml", ce_dirs / "alexnet", devkit, tmp_path, root)
+    (tmp_path / "last_checkpoint").write_text("model_0000099.pth")
+    assert main(argv) == 2
+    assert "earlier run" in capsys.readouterr().err
+    assert not (tmp_path / "encoder_detectron2").exists()  # refused before anything was written
+    (tmp_path / "last_checkpoint").unlink()
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    assert main(argv) == 2
+    assert "another run" in capsys.readouterr().err
+    # an OUTPUT_DIR override names the folder that is checked
+    assert main([*argv, "OUTPUT_DIR", str(tmp_path / "other")]) == 0 and (tmp_path / "other" / "model_final.pth").exists()
+    assert not (tmp_path / "other" / LOCK_NAME).exists()  # released when the run ends
+
+
+def test_overwrite_deletes_the_earlier_checkpoints(ce_dirs, d2_voc, tmp_path, capsys):
+    from transfer.detectron2.train_net import main
+
+    devkit, root = d2_voc
+    (tmp_path / "model_0000099.pth").write_bytes(b"an earlier, longer run")
+    (tmp_path / "last_checkpoint").write_text("model_0000099.pth")
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    argv = _argv("fast_rcnn_alexnet_voc07.yaml", ce_dirs / "alexnet", devkit, tmp_path, root)
+    assert main(["--overwrite", *argv]) == 0
+    assert not (tmp_path / "model_0000099.pth").exists() and (tmp_path / "model_final.pth").is_file()
+    assert (tmp_path / "last_checkpoint").read_text().strip() == "model_final.pth"
+    assert (tmp_path / "notes.txt").exists()
+    assert main(["--eval-only", "--overwrite", *argv]) == 2
+
+
+def test_max_time_saves_a_checkpoint_that_resume_continues(ce_dirs, d2_voc, tmp_path, capsys):
+    from transfer.detectron2.train_net import main
+
+    devkit, root = d2_voc
+    argv = _argv("fast_rcnn_alexnet_voc07.yaml", ce_dirs / "alexnet", devkit, tmp_path, root, iters=3)
+    assert main(["--max-time", "0.001", *argv]) == 0  # the budget was asked for: status 0
+    captured = capsys.readouterr()
+    assert "stopped by --max-time after iteration 1/3" in captured.err and "--resume" in captured.err
+    assert _result_lines(captured.out) == []  # no evaluation of a run that did not finish
+    assert (tmp_path / "last_checkpoint").read_text().strip() == "model_0000000.pth"
+    assert torch.load(tmp_path / "model_0000000.pth", weights_only=True)["iteration"] == 0
+    assert main(["--resume", *argv]) == 0
+    captured = capsys.readouterr()
+    assert "Starting training from iteration 1" in captured.out + captured.err
+    assert len(_result_lines(captured.out)) == 1 and (tmp_path / "model_final.pth").is_file()
+
+
+def test_sigterm_mid_run_saves_and_exits_143(ce_dirs, d2_voc, tmp_path, capsys, monkeypatch):
+    """A real SIGTERM to this process after the second iteration, through the handler train_net installs."""
+    import os
+    import signal
+
+    from transfer.detectron2.train_net import StopHook, main
+
+    after_step = StopHook.after_step
+
+    def signalled(self):
+        if self.trainer.iter == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        after_step(self)
+
+    monkeypatch.setattr(StopHook, "after_step", signalled)
+    devkit, root = d2_voc
+    argv = _argv("fast_rcnn_alexnet_voc07.yaml", ce_dirs / "alexnet", devkit, tmp_path, root, iters=10)
+    assert main(argv) == 143
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM after iteration 2/10" in err and "--resume" in err
+    assert (tmp_path / "last_checkpoint").read_text().strip() == "model_0000001.pth"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run

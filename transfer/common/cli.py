@@ -27,10 +27,12 @@ budget was asked for (``results.json`` then says ``"complete": false``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import shutil
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +48,7 @@ __all__ = [
     "add_voc_args",
     "check_output_dir",
     "check_positive",
+    "claim_output_dir",
     "parse_duration",
     "run_main",
 ]
@@ -211,7 +214,7 @@ def check_output_dir(path: str | os.PathLike, resume: bool = False, overwrite: b
         path: the ``--output-dir``.
         resume: ``--resume`` was given (an earlier run there is expected).
         overwrite: ``--overwrite`` was given (an earlier run there may be replaced).
-        markers: names whose presence shows an earlier run.
+        markers: names (or glob patterns, e.g. ``model_*.pth``) whose presence shows an earlier run.
 
     Raises:
         UsageError: not a folder, not writable, or holding an earlier run without ``resume``/``overwrite``.
@@ -223,11 +226,43 @@ def check_output_dir(path: str | os.PathLike, resume: bool = False, overwrite: b
         ensure_writable_dir(out)
     except OSError as err:
         raise UsageError(f"--output-dir {str(out)!r} is not writable: {err.strerror or err}") from None
-    earlier = [m for m in markers if (out / m).exists()]
+    earlier = [m for m in markers if any(out.glob(m))]
     if earlier and not (resume or overwrite):
         raise UsageError(f"--output-dir {str(out)!r} holds an earlier run ({', '.join(earlier)}); pass --resume to "
                          "continue it or --overwrite to start afresh")
     return out
+
+
+@contextlib.contextmanager
+def claim_output_dir(path: str | os.PathLike, resume: bool = False, overwrite: bool = False,
+                     markers: Sequence[str] = ("results.json", "checkpoints")) -> Iterator[Path]:
+    """:func:`check_output_dir`, then, on the main process (``RANK`` 0), hold the folder's lock for the run and,
+    with ``overwrite``, delete the earlier run's ``markers`` (so that a later ``--resume`` cannot pick up its
+    checkpoints). The lock is ce-pretrain's :class:`~ce_pretrain.checkpoint.RunLock`: one run per folder, a lock
+    whose process died is taken over.
+
+    Raises:
+        UsageError: as :func:`check_output_dir`, or another live run holds the folder.
+    """
+    from ce_pretrain.checkpoint import RunLock
+    from ce_pretrain.config import ConfigError
+
+    out = check_output_dir(path, resume=resume, overwrite=overwrite, markers=markers)
+    if int(os.environ.get("RANK", "0")) != 0:  # the other processes of a launch share the main one's claim
+        yield out
+        return
+    try:
+        lock = RunLock(out).acquire()
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
+    with lock:
+        if overwrite and not resume:
+            for target in (t for m in markers for t in list(out.glob(m))):
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink(missing_ok=True)
+        yield out
 
 
 def _first_line(error: BaseException) -> str:

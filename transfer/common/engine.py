@@ -50,11 +50,11 @@ import torch
 from torch import nn
 
 from ce_pretrain.atomic import write_text_atomic
+from ce_pretrain.stopping import StopRequest, agreed, describe
 
-from .cli import RunInterrupted, UsageError, check_output_dir, check_positive
+from .cli import RunInterrupted, UsageError, check_positive, claim_output_dir
 from .sampler import ResumableRandomSampler
 from .snapshot import CHECKPOINTS, latest_checkpoint, load_snapshot, restore_generators, save_snapshot
-from .stopping import StopFlag, should_stop
 
 __all__ = ["EngineConfig", "Task", "TrainingDiverged", "fit"]
 
@@ -209,12 +209,16 @@ def fit(task: Task, cfg: EngineConfig) -> dict:
         RunInterrupted: SIGINT / SIGTERM stopped the run, after the checkpoint and results were saved.
         TrainingDiverged: the loss became non-finite.
     """
+    check_positive(batch_size=task.batch_size, max_steps=task.max_steps, epochs=task.epochs,
+                   log_every=cfg.log_every)
+    with claim_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite) as out:
+        return _fit(task, cfg, out)
+
+
+def _fit(task: Task, cfg: EngineConfig, out: Path) -> dict:
     from accelerate.utils import send_to_device
     from tqdm.auto import tqdm
 
-    check_positive(batch_size=task.batch_size, max_steps=task.max_steps, epochs=task.epochs,
-                   log_every=cfg.log_every)
-    out = check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
     config = _json_config(task.config)
     finished = _finished_run(out, config) if cfg.resume == "latest" else None
     if finished is not None:
@@ -259,7 +263,7 @@ def fit(task: Task, cfg: EngineConfig) -> dict:
     if accelerator.is_main_process:
         accelerator.init_trackers(task.name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                      for k, v in config.items()})
-    started, stop_reason = time.monotonic(), None
+    started, stop_code = time.monotonic(), 0
     last_log = [started]  # when the last logged interval ended, for the image rate
     bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
                disable=not (cfg.progress and accelerator.is_local_main_process), desc=task.name)
@@ -297,9 +301,9 @@ def fit(task: Task, cfg: EngineConfig) -> dict:
         sums.clear()
         logged_steps = step
 
-    with StopFlag() as stop:
+    with StopRequest(cfg.max_time, start=started) as stop:
         model.train()
-        while step < total and stop_reason is None:
+        while step < total and not stop_code:
             batches = iter(loader)  # draws the workers' seed from the global generator, as DataLoader does
             if generators is not None:  # the state the snapshot took, after this same draw
                 restore_generators(generators)
@@ -324,9 +328,8 @@ def fit(task: Task, cfg: EngineConfig) -> dict:
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == total:
                     log()
-                stop_reason = None if step >= total else should_stop(
-                    stop, started, cfg.max_time, accelerator, sync=world == 1 or step % cfg.log_every == 0)
-                if step >= total or stop_reason:
+                stop_code = 0 if step >= total else agreed(stop, device, sync=step % cfg.log_every == 0)
+                if step >= total or stop_code:
                     break
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     snapshot()
@@ -337,18 +340,19 @@ def fit(task: Task, cfg: EngineConfig) -> dict:
         final = recent[:min(step, _RECENT)].double().mean() if step else torch.tensor(float("nan"), device=device)
         final_loss = (accelerator.reduce(final, "mean") if world > 1 else final).item()
         results = {"config": config, "task": task.name, **task.info, "steps": step, "total_steps": total,
-                   "final_loss": final_loss, "complete": stop_reason is None,
+                   "final_loss": final_loss, "complete": not stop_code,
                    "mixed_precision": accelerator.mixed_precision, "num_processes": world, "device": str(device),
                    "train_seconds": round(time.monotonic() - started, 3)}
-        if stop_reason is not None:
+        if stop_code:
             saved = snapshot()
             if accelerator.is_main_process:
                 write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
             accelerator.end_training()
-            message = (f"{stop_reason} at step {step}/{total}: checkpoint {saved}, results so far in "
+            reason = "stopped at --max-time" if stop_code == 1 else f"stopped by {describe(stop_code)}"
+            message = (f"{reason} at step {step}/{total}: checkpoint {saved}, results so far in "
                        f"{out / 'results.json'}; to continue, rerun the same command with --resume")
-            if stop.signum is not None:  # every process exits with the signal's status; the main one says why
-                raise RunInterrupted(message if accelerator.is_main_process else "", 128 + stop.signum)
+            if stop_code > 1:  # every process exits with the signal's status; the main one says why
+                raise RunInterrupted(message if accelerator.is_main_process else "", stop_code)
             accelerator.print(message)
             return results
     if accelerator.is_main_process:

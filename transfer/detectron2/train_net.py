@@ -11,12 +11,19 @@ format, pixel mean and std to the encoder's. The splits named by ``DATASETS.TRAI
 of the training split, are registered as ``ce_voc_<year>_<split>`` (see :mod:`transfer.detectron2.datasets`);
 Fast R-CNN configs read ``<proposals-dir>/voc_<year>_<split>.pkl`` (see :mod:`transfer.detectron2.proposals`).
 Several GPUs or machines run through detectron2's ``launch`` (``--num-gpus``, ``--num-machines``).
+
+A run never clobbers another: an ``OUTPUT_DIR`` holding a trained detector is refused unless ``--resume`` continues
+it, ``--eval-only`` scores it or ``--overwrite`` starts afresh (deleting its checkpoints), and a lock keeps two runs
+out of one folder. SIGINT / SIGTERM (to the process, or to the parent of a ``launch``, which passes it on) and
+``--max-time`` end the run after the current iteration with a checkpoint that ``--resume`` continues from; a signal
+exits with 128 + its number, ``--max-time`` with 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -32,12 +39,13 @@ except ImportError as err:
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.pascal_voc import register_pascal_voc
-from detectron2.engine import DefaultTrainer, default_setup, launch
+from detectron2.engine import DefaultTrainer, HookBase, default_setup, launch
 from detectron2.evaluation import PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 
+from ce_pretrain.stopping import StopRequest, agreed, describe, forward_signals_to_children
 from transfer.common.checkpoint import CheckpointError, load_encoder, load_strict
-from transfer.common.cli import UsageError, add_common_args, check_positive, run_main
+from transfer.common.cli import RunInterrupted, UsageError, add_common_args, check_positive, claim_output_dir, run_main
 from transfer.common.voc import VOCLayoutError, resolve_voc_dir
 
 from .backbone import add_timm_config
@@ -45,10 +53,16 @@ from .convert import convert
 from .datasets import plan_splits, split_of, write_split_view
 from .keys import BACKBONE_PREFIX, FPN_BACKBONE_PREFIX
 
-__all__ = ["Trainer", "check_encoder_fits", "load_trained", "prepare", "register_datasets", "run", "setup"]
+__all__ = ["StopHook", "StoppedEarly", "Trainer", "check_encoder_fits", "load_trained", "prepare",
+           "register_datasets", "run", "setup"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 VIEWS = "datasets"  # OUTPUT_DIR/<VIEWS>/<dataset name>: the split folders detectron2 reads
+# what a training run leaves in OUTPUT_DIR (--overwrite deletes exactly these; the converted encoder and the split
+# folders are rewritten by every run)
+RUN_MARKERS = ("last_checkpoint", "model_*.pth", "metrics.json", "events.out.tfevents.*")
+# iterations between the all-reduces by which several processes agree to stop (one process checks every iteration)
+STOP_SYNC_EVERY = 20
 
 
 def check_encoder_fits(model: torch.nn.Module, weights: str) -> None:
@@ -84,6 +98,40 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
         return PascalVOCDetectionEvaluator(dataset_name)
+
+
+class StoppedEarly(BaseException):
+    """Raised from :class:`StopHook` to leave detectron2's loop. A ``BaseException``: ``TrainerBase.train`` logs
+    every ``Exception`` with a traceback; this one is a request, not an error."""
+
+    def __init__(self, code: int, iteration: int, checkpoint: str):
+        super().__init__(code, iteration, checkpoint)
+        self.code, self.iteration, self.checkpoint = code, iteration, checkpoint
+
+
+class StopHook(HookBase):
+    """After each iteration: on SIGINT / SIGTERM or ``--max-time`` (agreed by every process), save a checkpoint that
+    ``--resume`` continues from (``model_<iter>.pth``, tagged in ``last_checkpoint`` once written) and leave the loop.
+
+    Args:
+        stop: the process's stop request.
+        device: where the all-reduce of several processes runs (their ``MODEL.DEVICE``).
+    """
+
+    def __init__(self, stop: StopRequest, device: str):
+        self.stop, self.device = stop, device
+
+    def after_step(self) -> None:
+        done = self.trainer.iter + 1
+        if done >= self.trainer.max_iter:
+            return  # the last iteration: the run finishes (and evaluates) as usual
+        code = agreed(self.stop, self.device, sync=done % STOP_SYNC_EVERY == 0)
+        if not code:
+            return
+        name = f"model_{self.trainer.iter:07d}"  # detectron2's own name and "iteration" key: resume starts at done
+        self.trainer.checkpointer.save(name, iteration=self.trainer.iter)
+        comm.synchronize()  # no process leaves (and makes launch stop the others) before the file is written
+        raise StoppedEarly(code, done, str(Path(self.trainer.cfg.OUTPUT_DIR) / f"{name}.pth"))
 
 
 def _trained_weights(cfg: CfgNode, explicit: bool) -> str:
@@ -170,8 +218,12 @@ def setup(args: argparse.Namespace) -> CfgNode:
     return cfg
 
 
-def _worker(cfg: CfgNode, args: argparse.Namespace) -> dict:
-    """One process: train (unless ``--eval-only``), evaluate once, print the metrics on the main process."""
+def _worker(cfg: CfgNode, args: argparse.Namespace, started: float) -> dict:
+    """One process: train (unless ``--eval-only``), evaluate once, print the metrics on the main process.
+
+    ``started`` is when the command began (``time.monotonic()``, one clock for every process of a machine), from
+    which ``--max-time`` counts.
+    """
     register_datasets(cfg, args.year)
     cfg.freeze()
     default_setup(cfg, args)
@@ -180,9 +232,14 @@ def _worker(cfg: CfgNode, args: argparse.Namespace) -> dict:
         load_trained(model, cfg.MODEL.WEIGHTS)
         results = Trainer.test(cfg, model)
     else:
-        trainer = Trainer(cfg)
-        trainer.resume_or_load(resume=args.resume)
-        trainer.train()
+        with StopRequest(args.max_time, start=started) as stop:
+            trainer = Trainer(cfg)
+            trainer.register_hooks([StopHook(stop, cfg.MODEL.DEVICE)])
+            trainer.resume_or_load(resume=args.resume)
+            try:
+                trainer.train()
+            except StoppedEarly as early:
+                return _stopped(early, trainer.max_iter)
         # DefaultTrainer's evaluation hook tests once after the last step and keeps what it found (None on the
         # other processes); testing again here would evaluate the test split twice
         results = getattr(trainer, "_last_eval_results", None) or {}
@@ -190,6 +247,20 @@ def _worker(cfg: CfgNode, args: argparse.Namespace) -> dict:
         for task, metrics in results.items():
             print(task, " ".join(f"{k} {v:.1f}" for k, v in metrics.items()), flush=True)
     return results
+
+
+def _stopped(early: StoppedEarly, max_iter: int) -> dict:
+    """Say where a stopped run stands; exit with the signal's status (``--max-time``: return, status 0)."""
+    reason = "--max-time" if early.code == 1 else describe(early.code)
+    message = (f"stopped by {reason} after iteration {early.iteration}/{max_iter}: checkpoint {early.checkpoint}; to "
+               "continue, rerun the same command with --resume")
+    if comm.is_main_process():
+        print(f"python -m transfer.detectron2.train_net: {message}", file=sys.stderr, flush=True)
+    if early.code == 1:
+        return {}
+    if comm.get_world_size() > 1:
+        sys.exit(early.code)  # a launched worker: launch reports the status to the parent, which exits with it
+    raise RunInterrupted("", early.code)
 
 
 def run(args: argparse.Namespace, cfg: CfgNode | None = None) -> dict:
@@ -200,11 +271,20 @@ def run(args: argparse.Namespace, cfg: CfgNode | None = None) -> dict:
         args: :func:`parse_args`'s flags.
         cfg: :func:`prepare`'s config (default: prepared here).
     """
+    started = time.monotonic()
     cfg = prepare(args) if cfg is None else cfg
     if args.num_gpus * args.num_machines == 1:
-        return _worker(cfg, args)
-    launch(_worker, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(cfg, args))
+        return _worker(cfg, args, started)
+    from torch.multiprocessing import ProcessExitedException
+
+    try:
+        with forward_signals_to_children():
+            launch(_worker, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                   dist_url=args.dist_url, args=(cfg, args, started))
+    except ProcessExitedException as err:
+        if err.exit_code in (130, 143):  # the workers saved a checkpoint and said so
+            raise RunInterrupted("", err.exit_code) from None
+        raise
     return {}
 
 
@@ -214,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     ``--num-machines``, ``--machine-rank``, ``--dist-url``, ``KEY VALUE`` overrides) and the data's."""
     p = argparse.ArgumentParser(prog="python -m transfer.detectron2.train_net", description=__doc__.split("\n\n")[0])
     add_common_args(p, output_dir="runs/detectron2", only={"model", "output_dir", "num_workers", "mixed_precision",
-                                                             "seed"})
+                                                             "seed", "overwrite", "max_time"})
     p.add_argument("--config-file", default=str(CONFIG_DIR / "fast_rcnn_alexnet_voc07.yaml"))
     p.add_argument("--data-root", required=True, help="VOCdevkit folder (or VOC<year> itself)")
     p.add_argument("--year", type=int, default=2007)
@@ -233,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def output_dir(args: argparse.Namespace) -> str:
+    """The run's ``OUTPUT_DIR``: ``--output-dir``, unless a ``OUTPUT_DIR PATH`` override comes after it."""
+    pairs = dict(zip(args.opts[::2], args.opts[1::2]))
+    return pairs.get("OUTPUT_DIR", args.output_dir)
+
+
 def check_args(args: argparse.Namespace) -> argparse.Namespace:
     """Checks of the flags that argparse cannot make.
 
@@ -242,6 +328,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     if len(args.opts) % 2:
         raise UsageError(f"config overrides come in KEY VALUE pairs, got {args.opts}")
     check_positive(num_gpus=args.num_gpus, num_machines=args.num_machines)
+    if args.eval_only and args.overwrite:
+        raise UsageError("--eval-only scores the detector in OUTPUT_DIR; --overwrite would delete it")
     if args.mixed_precision == "bf16":
         raise UsageError("--mixed-precision bf16: detectron2's DefaultTrainer runs AMP in fp16 only")
     return args
@@ -257,11 +345,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def checked_run(args: argparse.Namespace) -> None:
         check_args(args)
-        try:
-            cfg = prepare(args)
-        except (OSError, ValueError, KeyError, AssertionError) as err:  # yacs: unknown keys by assert or KeyError
-            raise UsageError(str(err) or type(err).__name__) from None
-        run(args, cfg)
+        # before prepare() writes the converted encoder and the split folders into it
+        with claim_output_dir(output_dir(args), resume=args.resume or args.eval_only, overwrite=args.overwrite,
+                              markers=RUN_MARKERS):
+            try:
+                cfg = prepare(args)
+            except (OSError, ValueError, KeyError, AssertionError) as err:  # yacs: unknown keys by assert/KeyError
+                raise UsageError(str(err) or type(err).__name__) from None
+            run(args, cfg)
 
     return run_main(build_parser(), checked_run, argv)
 

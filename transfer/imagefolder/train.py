@@ -19,15 +19,24 @@ validation images never choose anything). ``results.json`` holds top-1, top-5 an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from ce_pretrain.atomic import write_text_atomic
 from transfer.common.checkpoint import EncoderCheckpoint, load_encoder
-from transfer.common.cli import RunFlags, add_common_args, check_output_dir, check_positive, run_main
+from transfer.common.cli import (
+    RunFlags,
+    add_common_args,
+    check_output_dir,
+    check_positive,
+    claim_output_dir,
+    run_main,
+)
 from transfer.common.rescale import rescale_
 
 from .data import ImageFolderError, LabelledImages, eval_transform, scan, stratified_split
@@ -160,6 +169,14 @@ def run(cfg: ImageFolderConfig) -> dict:
     check_positive(batch_size=cfg.batch_size, k=cfg.k, rescale_images=cfg.rescale_images, epochs=cfg.epochs,
                    max_steps=cfg.max_steps, image_size=cfg.image_size)
     out = check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
+    # fine-tuning claims the folder in the engine's fit(); the probes hold it here
+    claim = contextlib.nullcontext(out) if cfg.mode == "finetune" else claim_output_dir(
+        out, resume=cfg.resume is not None, overwrite=cfg.overwrite)
+    with claim:
+        return _run(cfg, out)
+
+
+def _run(cfg: ImageFolderConfig, out: Path) -> dict:
     torch.manual_seed(cfg.seed)
     start = time.time()
     train, val, classes = _splits(cfg)  # before the encoder loads: bad folders fail in a second
