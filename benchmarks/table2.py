@@ -13,8 +13,10 @@ is scored at several points of its pretraining, so the study shows score against
 
 Writes ``results.json`` (every cell, written after each), ``table2.md`` and ``table2.png``. A finished cell is never
 recomputed: rerun the same command after a crash and it continues (pretraining resumes from its checkpoint).
-Ablations: ``--add-row NAME="TRAIN FLAGS"`` adds a pretraining row (flags of ``python -m ce_pretrain.train``),
-``--pretrain-override ROW="FLAGS"`` changes a row; see docs/feature-study.md.
+Ablations: ``--add-row NAME="TRAIN FLAGS"`` adds a pretraining row (flags of ``python -m ce_pretrain.train``, e.g.
+``--add-row ce-rrc-cos="--augment rrc+jitter --lr-schedule cosine --warmup-steps 250"``), ``--pretrain-override
+ROW="FLAGS"`` changes a row; a row's cells are keyed by its flags, so new flags never reuse old cells; see
+docs/feature-study.md.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", nargs="+", help=f"rows to run (default: {', '.join(ROWS)} and every --add-row)")
     p.add_argument("--columns", nargs="+", choices=COLUMNS, help="default: the budget's")
     p.add_argument("--milestones", type=int, nargs="+", help="pretraining steps to score at (default: the budget's)")
-    p.add_argument("--add-row", action="append", metavar='NAME="FLAGS"',
+    p.add_argument("--add-row", "--ablate", action="append", metavar='NAME="FLAGS"',
                    help="a pretraining row with these ce_pretrain.train flags, e.g. ce-l1=\"--mask random-region "
                         "--loss l1\"")
     p.add_argument("--pretrain-override", action="append", metavar='ROW="FLAGS"',
@@ -137,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{budget.transfer_size} px, tested on {manifest['val_images']} held-out images; seeds "
               f"{' '.join(map(str, args.seeds))} (mean ± std); {env['device']}, torch {env['torch']}, timm "
               f"{env['timm']}; {study.meta['date']}; {minutes:.0f} min this run.")
-    table = format_table(study.cells, list(rows), list(columns), header)
+    cells = study.current_cells()
+    table = format_table(cells, list(rows), list(columns), header)
     write_text_atomic(out / "table2.md", table + "\n")
-    plot(study.cells, list(rows), list(columns), out / "table2.png",
+    plot(cells, list(rows), list(columns), out / "table2.png",
          f"budget {args.budget}, {budget.backbone}, {env['device']}")
     print(table)
     return 0

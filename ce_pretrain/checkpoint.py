@@ -136,13 +136,14 @@ def load_checkpoint(accelerator, checkpoint: Path, state: TrainState) -> None:
 
 
 ARCHITECTURE_KEYS = ("backbone", "image_size", "pred_size", "overlap", "bottleneck", "batch_size",
-                     "gradient_accumulation_steps", "adversarial_weight", "mask", "seed", "data")
+                     "gradient_accumulation_steps", "adversarial_weight", "mask", "seed", "data", "decoder_norm")
 
 
 def check_resumable(checkpoint: Path, cfg: TrainConfig) -> None:
     """Refuse to resume a checkpoint of a different run (other architecture, batch, data...), or one holding
     pickles ce-pretrain never writes."""
-    saved = read_run_json(checkpoint)["config"]
+    # a key missing from an older checkpoint's run.json had its default then
+    saved = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | read_run_json(checkpoint)["config"]
     _check_no_foreign_pickles(checkpoint)
     diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}" for k in ARCHITECTURE_KEYS
             if saved.get(k) != getattr(cfg, k)]

@@ -14,7 +14,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .augment import AUGMENTS, RRC_SCALE
 from .masks import TRAIN_MASK_KINDS
+from .schedule import SCHEDULES
 
 __all__ = ["DEMO_BATCH_SIZE", "DEMO_MAX_STEPS", "PRESETS", "ConfigError", "TrainConfig", "build_parser",
            "check_backbone_size", "default_image_size", "parse_duration", "resolve_config", "validate"]
@@ -58,12 +60,18 @@ class TrainConfig:
     mask_shapes: str | None = None
     mask_source: str = "procedural"
     loss: str = "l2"
+    augment: str = "crop"
+    decoder_norm: str = "batch"
+    fc_dropout: float = 0.5
     batch_size: int = 64
     max_steps: int = 100_000
     lr: float = 1e-4
     beta1: float = 0.9
     weight_decay: float = 0.0
     discriminator_lr: float | None = None
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    schedule_steps: int | None = None
     adversarial_weight: float = 0.0
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"
@@ -91,7 +99,8 @@ class TrainConfig:
 
     def model_kwargs(self) -> dict:
         return dict(backbone=self.backbone, image_size=self.image_size, pred_size=self.pred_size,
-                    overlap=self.overlap, bottleneck=self.bottleneck, mask=self.mask)
+                    overlap=self.overlap, bottleneck=self.bottleneck, mask=self.mask, dropout=self.fc_dropout,
+                    decoder_norm=self.decoder_norm)
 
 
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
@@ -118,9 +127,16 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad flags (an unknown choice, a non-number) end with one line and exit status 2, not the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser(prog: str = "ce_pretrain/train.py") -> argparse.ArgumentParser:
     """The training flags; each recipe flag defaults to the preset's value (``None`` here)."""
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog=prog,
         description="Context-encoder pretraining (Pathak et al., CVPR 2016) of any timm backbone under accelerate.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -144,6 +160,12 @@ def build_parser(prog: str = "ce_pretrain/train.py") -> argparse.ArgumentParser:
     g.add_argument("--adversarial-weight", type=float,
                    help="λadv of the joint loss (λrec = 1 − λadv); 0 disables the discriminator; default: the "
                         "preset's (0 / 0.001)")
+    g.add_argument("--decoder-norm", choices=["batch", "none"], default="batch",
+                   help="normalisation after each up-convolution of the decoder: BatchNorm (DCGAN's, as the original "
+                        "code), or none (§3.1 names only ReLUs); stored in the model's config.json")
+    g.add_argument("--fc-dropout", type=float,
+                   help="dropout on the channel-wise fully-connected layer (§5.2: 0.5); 0 disables it; stored in "
+                        "the model's config.json; default 0.5")
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch-size", type=int,
                    help=f"images per process per step; default: the preset's (64), or {DEMO_BATCH_SIZE} on the "
@@ -152,6 +174,15 @@ def build_parser(prog: str = "ce_pretrain/train.py") -> argparse.ArgumentParser:
                    help=f"optimizer steps; default: the preset's 100000, or {DEMO_MAX_STEPS} on the demo set")
     o.add_argument("--lr", type=float, help="Adam learning rate of the context encoder; default: the preset's")
     o.add_argument("--discriminator-lr", type=float, help="Adam learning rate of the discriminator; default: lr/10")
+    o.add_argument("--lr-schedule", choices=list(SCHEDULES), default="constant",
+                   help="learning rate after the warm-up: constant (the paper's), or cosine decay to 0 at "
+                        "--schedule-steps; applied to the discriminator's lr alike")
+    o.add_argument("--warmup-steps", type=int, default=0,
+                   help="linear warm-up of the learning rate over the first N optimizer steps (from lr/N)")
+    o.add_argument("--schedule-steps", type=int,
+                   help="length of the schedule (cosine reaches 0 there); default: --max-steps. Set it when a run "
+                        "is extended in stages with --resume and a larger --max-steps, so that each stage continues "
+                        "the same schedule")
     o.add_argument("--beta1", type=float, help="Adam β1; default: the preset's (0.9 / 0.5)")
     o.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
     o.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
@@ -171,6 +202,14 @@ def build_parser(prog: str = "ce_pretrain/train.py") -> argparse.ArgumentParser:
     d.add_argument("--data-cache", metavar="FILE.npy",
                    help="decode every image once into this memory-mapped file (built when missing or stale) and "
                         "cut crops and flips on the device: the fast path for GPUs")
+    d.add_argument("--augment", choices=list(AUGMENTS), default="crop",
+                   help="training crops: 'crop' = the original code's (shorter side resized to 1.13× the crop, a "
+                        "random crop, a flip); 'rrc' = random-resized crops of that image (20–100 %% of its area, "
+                        "aspect 3/4–4/3: MoCo v2's and MAE's lower bound of "
+                        f"{RRC_SCALE[0]:g} rather than torchvision's 0.08, so the context around a hole stays a "
+                        "scene rather than a texture) and a flip; 'rrc+jitter' adds a colour jitter (brightness, "
+                        "contrast, saturation ±0.4, with probability 0.8). Same crops with --data-cache, cut on "
+                        "the device")
     d.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes")
     r = p.add_argument_group("outputs")
     r.add_argument("--output-dir", default="runs/ce-pretrain", help="where checkpoints, samples, logs and the "
@@ -229,6 +268,9 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         data_cache=args.data_cache,
         mask_shapes=args.mask_shapes,
         mask_source=args.mask_source, loss=args.loss, discriminator_lr=args.discriminator_lr,
+        augment=args.augment, decoder_norm=args.decoder_norm,
+        fc_dropout=0.5 if args.fc_dropout is None else args.fc_dropout, lr_schedule=args.lr_schedule,
+        warmup_steps=args.warmup_steps, schedule_steps=args.schedule_steps,
         weight_decay=args.weight_decay, gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision or "no", output_dir=args.output_dir,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
@@ -253,16 +295,36 @@ def validate(cfg: TrainConfig) -> None:
                     gradient_accumulation_steps=cfg.gradient_accumulation_steps, keep_checkpoints=cfg.keep_checkpoints)
     if cfg.check_finite_every is not None:
         positive["check_finite_every"] = cfg.check_finite_every
+    if cfg.schedule_steps is not None:
+        positive["schedule_steps"] = cfg.schedule_steps
     positive["max_nonfinite_steps"] = cfg.max_nonfinite_steps
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    finite = dict(lr=cfg.lr, discriminator_lr=cfg.discriminator_lr, beta1=cfg.beta1, weight_decay=cfg.weight_decay)
+    finite = dict(lr=cfg.lr, discriminator_lr=cfg.discriminator_lr, beta1=cfg.beta1, weight_decay=cfg.weight_decay,
+                  fc_dropout=cfg.fc_dropout)
     for name, value in finite.items():
         if value is not None and not math.isfinite(value):  # nan passes every comparison below
             raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if cfg.lr <= 0:
         raise ConfigError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.warmup_steps < 0:
+        raise ConfigError(f"--warmup-steps must be ≥ 0, got {cfg.warmup_steps}")
+    length = cfg.schedule_steps or cfg.max_steps
+    if cfg.lr_schedule == "cosine" and cfg.warmup_steps >= length:
+        raise ConfigError(f"--warmup-steps {cfg.warmup_steps} leaves no steps for the cosine decay: it must be below "
+                          f"the schedule's length ({length}: --schedule-steps, else --max-steps)")
+    if cfg.lr_schedule not in SCHEDULES:
+        raise ConfigError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {cfg.lr_schedule!r}")
+    if cfg.augment not in AUGMENTS:
+        raise ConfigError(f"--augment must be one of {', '.join(AUGMENTS)}, got {cfg.augment!r}")
+    if cfg.decoder_norm not in ("batch", "none"):
+        raise ConfigError(f"--decoder-norm must be batch or none, got {cfg.decoder_norm!r}")
+    if not 0 <= cfg.fc_dropout < 1:
+        raise ConfigError(f"--fc-dropout must be in [0, 1), got {cfg.fc_dropout}")
+    if cfg.bottleneck != "channel-fc" and cfg.fc_dropout != 0.5:
+        raise ConfigError(f"--fc-dropout applies to the channel-wise FC bottleneck of the features preset; the "
+                          f"{cfg.preset} preset's {cfg.bottleneck!r} bottleneck has no dropout")
     if cfg.num_workers < 0:
         raise ConfigError(f"--num-workers must be ≥ 0, got {cfg.num_workers}")
     if not 0 <= cfg.adversarial_weight < 1:

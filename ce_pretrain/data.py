@@ -26,15 +26,18 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .augment import AUGMENTS, pil_resized_crop
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DataSourceError",
     "EpochSampler",
     "ImageDataset",
+    "ImageReadError",
     "StreamingImageDataset",
+    "augmented_crop",
     "collate",
     "list_images",
-    "ImageReadError",
     "load_rgb",
     "random_crop",
     "resize_shorter",
@@ -130,6 +133,19 @@ def random_crop(img: Image.Image, size: int, load_size: int, rng: random.Random,
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
+def augmented_crop(img: Image.Image, size: int, load_size: int, rng: random.Random, augment: str = "crop"
+                   ) -> np.ndarray:
+    """One training crop of ``img`` by the ``--augment`` rule (:mod:`ce_pretrain.augment`) → uint8 ``[3, S, S]``.
+
+    Every rule starts from the image resized to the shorter side ``load_size`` (what ``--data-cache`` stores).
+    """
+    if augment == "crop":
+        return random_crop(img, size, load_size, rng)
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
+    return pil_resized_crop(resize_shorter(img, load_size, size), size, rng, jitter=augment == "rrc+jitter")
+
+
 def _sample_rng(seed: int, epoch: int, index: int) -> random.Random:
     digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
     return random.Random(int.from_bytes(digest, "little"))
@@ -148,15 +164,17 @@ class ImageDataset(torch.utils.data.Dataset):
         seed: augmentation seed.
         image_column: column of a Hugging Face dataset holding the images.
         cache: keep the decoded, resized images in memory (for small sets such as the demo photographs).
+        augment: ``crop``, ``rrc`` or ``rrc+jitter`` (:mod:`ce_pretrain.augment`).
     """
 
     def __init__(self, items, image_size: int, load_size: int | None = None, seed: int = 0,
-                 image_column: str | None = None, cache: bool = False):
+                 image_column: str | None = None, cache: bool = False, augment: str = "crop"):
         self.items = items
         self.image_size = image_size
         self.load_size = max(image_size, load_size or round(image_size * 256 / 227))
         self.seed = seed
         self.image_column = image_column
+        self.augment = augment
         self._cache: dict[int, Image.Image] | None = {} if cache else None
 
     def __len__(self) -> int:
@@ -189,7 +207,8 @@ class ImageDataset(torch.utils.data.Dataset):
             except _BAD_IMAGE:
                 bad.append(self._name(i))
                 continue
-            return random_crop(img, self.image_size, self.load_size, _sample_rng(self.seed, epoch, index)), bad
+            rng = _sample_rng(self.seed, epoch, index)
+            return augmented_crop(img, self.image_size, self.load_size, rng, self.augment), bad
         raise DataSourceError(f"none of the {len(self)} images could be read")
 
 
@@ -224,11 +243,13 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
         world_size: number of processes.
         start: good examples of this process already consumed.
         buffer_size: shuffle buffer.
+        augment: ``crop``, ``rrc`` or ``rrc+jitter`` (:mod:`ce_pretrain.augment`).
     """
 
     def __init__(self, stream, image_size: int, image_column: str, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, start: int = 0, buffer_size: int = 10_000):
+                 world_size: int = 1, start: int = 0, buffer_size: int = 10_000, augment: str = "crop"):
         super().__init__()
+        self.augment = augment
         self.stream, self.image_size, self.image_column = stream, image_size, image_column
         self.load_size = round(image_size * 256 / 227)
         self.seed, self.rank, self.world_size, self.start, self.buffer_size = seed, rank, world_size, start, buffer_size
@@ -251,7 +272,8 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
                 except _BAD_IMAGE:
                     bad.append(f"epoch {epoch} row {row}")
                     continue
-                yield random_crop(img, self.image_size, self.load_size, _sample_rng(self.seed, epoch, good)), bad
+                rng = _sample_rng(self.seed, epoch, good)
+                yield augmented_crop(img, self.image_size, self.load_size, rng, self.augment), bad
                 good, bad = good + 1, []
             if seen == 0:
                 raise DataSourceError("the streamed dataset yielded no examples")

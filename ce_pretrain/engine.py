@@ -41,6 +41,7 @@ from .figure import save_sample_grid
 from .gpu_data import CachedCrops, open_cache
 from .masks import ShapeBank
 from .objective import ContextEncoderObjective, NonFiniteMonitor, all_finite, step_seed
+from .schedule import lr_factor
 from .stopping import StopRequest, agreed, describe, exit_status
 from .tracking import make_trackers, tracker_config
 
@@ -112,14 +113,14 @@ def make_loader(cfg: TrainConfig, items, image_column: str | None, accelerator: 
         with accelerator.main_process_first():  # one process builds the cache, the others then open it
             cache, meta = open_cache(dataset, cfg.data_cache, num_workers=cfg.num_workers)
         return CachedCrops(cache, cfg.image_size, cfg.batch_size, accelerator.device, seed=cfg.seed, rank=rank,
-                           world_size=world, start=start_at, unreadable=meta["unreadable"])
+                           world_size=world, start=start_at, unreadable=meta["unreadable"], augment=cfg.augment)
     if cfg.streaming:
         dataset = StreamingImageDataset(items, cfg.image_size, image_column, seed=cfg.seed, rank=rank,
-                                        world_size=world, start=start_at)
+                                        world_size=world, start=start_at, augment=cfg.augment)
         sampler, workers = None, min(cfg.num_workers, 1)
     else:
         dataset = ImageDataset(items, cfg.image_size, seed=cfg.seed, image_column=image_column,
-                               cache=len(items) <= 256)
+                               cache=len(items) <= 256, augment=cfg.augment)
         sampler = EpochSampler(len(items), seed=cfg.seed, rank=rank, world_size=world, start=start_at)
         workers = cfg.num_workers
     return torch.utils.data.DataLoader(
@@ -169,6 +170,8 @@ def train_loop(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEnc
     sample_every = cfg.sample_every or cfg.checkpoint_every
     check_every = cfg.check_finite_every or cfg.log_every
     objective.monitor = NonFiniteMonitor(device, state.nonfinite)
+    scheduled = cfg.lr_schedule != "constant" or cfg.warmup_steps > 0  # else the rates stay as built
+    schedule_steps = cfg.schedule_steps or cfg.max_steps
     batches = iter(loader)
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
                desc="ce-pretrain", dynamic_ncols=True, unit="step")
@@ -176,6 +179,8 @@ def train_loop(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEnc
     try:
         while state.step < cfg.max_steps:
             # nothing in this loop waits for the device except the reads every `check_every` / `log_every` steps
+            if scheduled:
+                objective.scale_lr(lr_factor(state.step, cfg.lr_schedule, cfg.warmup_steps, schedule_steps))
             for micro in range(cfg.gradient_accumulation_steps):
                 crops, bad = next(batches)
                 state.skipped.update(bad)
@@ -262,7 +267,8 @@ def finish(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEncoder
         return
     card = {"preset": cfg.preset, "data": cfg.data or "built-in demo photographs", "mask": cfg.mask,
             "mask_shapes": cfg.mask_shapes, "loss": cfg.loss, "adversarial_weight": cfg.adversarial_weight,
-            "optimizer": f"Adam(lr={cfg.lr}, betas=({cfg.beta1}, 0.999))", "steps": state.step,
+            "optimizer": f"Adam(lr={cfg.lr}, betas=({cfg.beta1}, 0.999))", "lr_schedule": _schedule_text(cfg),
+            "augment": cfg.augment, "steps": state.step,
             "global_batch": cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes,
             "mixed_precision": cfg.mixed_precision, "processes": accelerator.num_processes,
             "images_per_second": summary["images_per_second"], "final_loss": summary["final"].get("loss"),
@@ -298,6 +304,12 @@ def finish(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEncoder
         api.upload_folder(repo_id=repo, folder_path=str(out), ignore_patterns=["checkpoints/*", "logs/*", "*.tmp"],
                           commit_message=f"ce-pretrain: {cfg.backbone}, {state.step} steps")
         log(f"pushed to https://huggingface.co/{repo}")
+
+
+def _schedule_text(cfg: TrainConfig) -> str:
+    warmup = f", {cfg.warmup_steps} warm-up steps" if cfg.warmup_steps else ""
+    length = f" over {cfg.schedule_steps or cfg.max_steps} steps" if cfg.lr_schedule != "constant" else ""
+    return f"{cfg.lr_schedule}{length}{warmup}"
 
 
 def run(cfg: TrainConfig, items, image_column: str | None, description: str,

@@ -8,8 +8,11 @@ them to the device, and cuts the random S×S crops and flips there from a device
 
 The crops are of the same kind as the loader's: a random S×S window of the resized image, flipped half the time —
 drawn from the central square instead of the whole resized image (the part outside it is at most 12 % of the
-longer side for 4:3 photographs). Data order follows :class:`~ce_pretrain.data.EpochSampler`, and the crops of a
-batch are a pure function of the seed and the batch's position, so a resumed run sees exactly the same batches.
+longer side for 4:3 photographs). With ``--augment rrc`` / ``rrc+jitter`` the boxes of random-resized crops are
+drawn within that square and resampled with ``grid_sample``, and the colour jitter runs in float on the device
+before the crops are rounded back to uint8 (:func:`ce_pretrain.augment.resized_crops`). Data order follows
+:class:`~ce_pretrain.data.EpochSampler`, and the crops of a batch are a pure function of the seed and the batch's
+position, so a resumed run sees exactly the same batches.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .augment import AUGMENTS, DRAWS, resized_crops
 from .data import _BAD_IMAGE, EpochSampler, ImageDataset, resize_shorter
 
 __all__ = ["CachedCrops", "build_cache", "open_cache"]
@@ -128,13 +132,18 @@ class CachedCrops:
         start: samples of this process already consumed (a multiple of ``batch_size``).
         unreadable: files left out of the cache, reported with the first batch.
         prefetch: batches gathered ahead by the background thread.
+        augment: ``crop`` (windows and flips, as the loader's), ``rrc`` or ``rrc+jitter`` (random-resized crops of
+            the cached square, and colour jitter in float on the device: :func:`ce_pretrain.augment.resized_crops`).
     """
 
     def __init__(self, cache: np.ndarray, image_size: int, batch_size: int, device: torch.device | str,
                  seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0,
-                 unreadable: list[str] | None = None, prefetch: int = 3):
+                 unreadable: list[str] | None = None, prefetch: int = 3, augment: str = "crop"):
         if image_size > cache.shape[1]:
             raise ValueError(f"crops of {image_size}px do not fit the cache's {cache.shape[1]}px images")
+        if augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
+        self.augment = augment
         self.cache = torch.from_numpy(cache) if isinstance(cache, np.ndarray) else cache
         self.image_size, self.batch_size, self.device = image_size, batch_size, torch.device(device)
         self.seed, self.rank, self.prefetch = seed, rank, prefetch
@@ -165,6 +174,9 @@ class CachedCrops:
         b, load, s = rows.shape[0], rows.shape[1], self.image_size
         gen = torch.Generator(device=self.device).manual_seed((self.seed * 1_000_003 + position * 7919
                                                                 + self.rank * 15_485_863) % 2**63)
+        if self.augment != "crop":
+            draws = torch.rand(b, DRAWS, generator=gen, device=self.device)
+            return resized_crops(rows, s, draws, jitter=self.augment == "rrc+jitter")
         draws = torch.rand(b, 3, generator=gen, device=self.device)
         top = (draws[:, 0] * (load - s + 1)).long().clamp(max=load - s)
         left = (draws[:, 1] * (load - s + 1)).long().clamp(max=load - s)

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ChannelWiseFC", "UpConvDecoder", "dcgan_init_", "num_upconvs"]
+__all__ = ["DECODER_NORMS", "ChannelWiseFC", "UpConvDecoder", "dcgan_init_", "num_upconvs"]
+
+DECODER_NORMS = ("batch", "none")
 
 
 def dcgan_init_(module: nn.Module) -> None:
@@ -69,7 +71,8 @@ def num_upconvs(in_size: int, out_size: int) -> int:
 
 
 class UpConvDecoder(nn.Module):
-    """A series of up-convolutions, each followed by BatchNorm and ReLU, then a 3×3 convolution to pixels (§3.1).
+    """A series of up-convolutions, each followed by BatchNorm (or nothing) and ReLU, then a 3×3 convolution to
+    pixels (§3.1).
 
     Each up-convolution is a 4×4 transposed convolution of stride 2 (the DCGAN generator's), which doubles the
     resolution; from a 1×1 bottleneck the first one is a 4×4 stride-1 transposed convolution to 4×4 instead,
@@ -86,6 +89,8 @@ class UpConvDecoder(nn.Module):
         out_size: ``(H, W)`` of the prediction.
         channels: output channels of each up-convolution; its length is the number of up-convolutions.
         out_channels: channels of the prediction.
+        norm: ``"batch"``: BatchNorm after each up-convolution (DCGAN's generator, and the original code's);
+            ``"none"``: ReLU alone, as §3.1 describes the decoder, with a bias in each up-convolution instead.
     """
 
     def __init__(
@@ -95,19 +100,23 @@ class UpConvDecoder(nn.Module):
         out_size: tuple[int, int],
         channels: list[int],
         out_channels: int = 3,
+        norm: str = "batch",
     ):
         super().__init__()
+        if norm not in DECODER_NORMS:
+            raise ValueError(f"norm must be one of {', '.join(DECODER_NORMS)}, got {norm!r}")
+        bias = norm == "none"  # a bias before BatchNorm would be cancelled by its mean
         self.out_size = tuple(out_size)
         layers: list[nn.Module] = []
         prev, size = in_channels, tuple(in_size)
         for i, c in enumerate(channels):
             if i == 0 and size == (1, 1):
-                layers += [nn.Flatten(1), nn.Linear(prev, c * 16, bias=False), nn.Unflatten(1, (c, 4, 4))]
+                layers += [nn.Flatten(1), nn.Linear(prev, c * 16, bias=bias), nn.Unflatten(1, (c, 4, 4))]
                 size = (4, 4)
             else:
-                layers.append(nn.ConvTranspose2d(prev, c, 4, stride=2, padding=1, bias=False))
+                layers.append(nn.ConvTranspose2d(prev, c, 4, stride=2, padding=1, bias=bias))
                 size = (size[0] * 2, size[1] * 2)
-            layers += [nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            layers += [nn.BatchNorm2d(c), nn.ReLU(inplace=True)] if norm == "batch" else [nn.ReLU(inplace=True)]
             prev = c
         self.upconvs = nn.Sequential(*layers)
         self.upconv_size = size

@@ -98,7 +98,7 @@ class ContextEncoder(
         overlap: context band (px) covered by the prediction around a central hole (§5.1: 7).
         bottleneck: ``"channel-fc"`` or ``"fc"``.
         bottleneck_dim: units of the ``"fc"`` bottleneck.
-        dropout: dropout on the channel-wise fully-connected layer (§5.2: 0.5).
+        dropout: dropout on the channel-wise fully-connected layer (§5.2: 0.5); 0: none (no dropout module).
         decoder_channels: channels of each up-convolution; ``None`` derives five-ish halving widths.
         mean: per-channel dataset mean in [0, 1] (also the fill of dropped pixels).
         std: per-channel dataset std in [0, 1].
@@ -107,6 +107,8 @@ class ContextEncoder(
         mask: the mask kind the model is trained with (``"center"``, ``"random-block"``, ``"random-region"``, or
             ``"none"`` for the autoencoder baseline); stored in ``config.json`` so inference draws the same masks
             (:attr:`mask_rule`). ``None``: centre holes for a centre prediction, random regions otherwise.
+        decoder_norm: ``"batch"`` (BatchNorm after each up-convolution) or ``"none"``
+            (:class:`~ce_pretrain.layers.UpConvDecoder`).
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class ContextEncoder(
         pretrained_backbone: bool = False,
         backbone_kwargs: dict | None = None,
         mask: str | None = None,
+        decoder_norm: str = "batch",
     ):
         super().__init__()
         resolve_backbone_name(backbone)
@@ -137,13 +140,15 @@ class ContextEncoder(
             raise ValueError(f"pred_size must be in 1..image_size={image_size}, got {pred_size}")
         if len(mean) != 3 or len(std) != 3:
             raise ValueError("mean and std need one value per RGB channel")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if mask is not None and mask not in TRAIN_MASK_KINDS:
             raise ValueError(f"mask must be one of {', '.join(TRAIN_MASK_KINDS)}, got {mask!r}")
         self._config = dict(backbone=backbone, image_size=image_size, pred_size=pred_size, overlap=overlap,
                             bottleneck=bottleneck, bottleneck_dim=bottleneck_dim, dropout=dropout,
                             decoder_channels=None if decoder_channels is None else list(decoder_channels),
                             mean=tuple(mean), std=tuple(std), pretrained_backbone=pretrained_backbone,
-                            backbone_kwargs=backbone_kwargs, mask=mask)
+                            backbone_kwargs=backbone_kwargs, mask=mask, decoder_norm=decoder_norm)
         self.backbone_name = backbone
         self.image_size = image_size
         self.pred_size = pred_size or image_size
@@ -164,7 +169,7 @@ class ContextEncoder(
             width = (decoder_channels or [min(channels, 256)])[0]
             self.bottleneck = nn.Sequential(
                 ChannelWiseFC(channels, fh, fw),
-                nn.Dropout(dropout),
+                nn.Dropout(dropout) if dropout else nn.Identity(),  # same module index: the same state-dict keys
                 nn.Conv2d(channels, width, 1, bias=False),  # the stride-1 convolution across channels
                 nn.BatchNorm2d(width),
                 nn.ReLU(inplace=True),
@@ -184,7 +189,8 @@ class ContextEncoder(
         if decoder_channels is None:
             top = 512 if bottleneck == "fc" else width
             decoder_channels = [max(32, top // 2**i) for i in range(n_up)]
-        self.decoder = UpConvDecoder(width, start, (self.pred_size, self.pred_size), list(decoder_channels))
+        self.decoder = UpConvDecoder(width, start, (self.pred_size, self.pred_size), list(decoder_channels),
+                                     norm=decoder_norm)
         if bottleneck == "fc":  # the inpainting model is a DCGAN generator: initialise it like one (train.lua)
             dcgan_init_(self.bottleneck)
             dcgan_init_(self.decoder)

@@ -56,6 +56,14 @@ class ContextEncoderObjective:
         self._model_params = [p for p in model.parameters() if p.requires_grad]
         self._disc_params = [p for p in self.disc_core.parameters()] if self.disc_core is not None else []
         self.monitor = NonFiniteMonitor(accelerator.device)
+        # the rates the optimisers were built with: the schedule scales these, never the rate it last set
+        self._base_lrs = [(opt, [g["lr"] for g in opt.param_groups]) for opt in (opt_g, opt_d) if opt is not None]
+
+    def scale_lr(self, factor: float) -> None:
+        """Set every optimiser's rate to ``factor`` × its base rate (the discriminator's scaled alike)."""
+        for opt, bases in self._base_lrs:
+            for group, base in zip(opt.param_groups, bases):
+                group["lr"] = base * factor
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Every parameter, buffer and optimiser-state tensor of the run (what a checkpoint saves)."""

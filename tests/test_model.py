@@ -95,3 +95,33 @@ def test_bad_inputs_are_refused_clearly():
         ContextEncoder("resnet18", bottleneck="dense")
     with pytest.raises(ValueError, match="pred_size"):
         ContextEncoder("resnet18", image_size=64, pred_size=128)
+
+
+def _count(model, kind):
+    return sum(isinstance(m, kind) for m in model.modules())
+
+
+def test_decoder_norm_and_fc_dropout_are_part_of_the_saved_architecture(tmp_path, gen):
+    base = ContextEncoder("alexnet", image_size=99)
+    plain = ContextEncoder("alexnet", image_size=99, decoder_norm="none", dropout=0.0)
+    ups = sum(isinstance(m, (torch.nn.ConvTranspose2d, torch.nn.Linear)) for m in base.decoder.modules())
+    assert _count(base.decoder, torch.nn.BatchNorm2d) == ups > 0  # BatchNorm after each up-convolution
+    assert _count(plain.decoder, torch.nn.BatchNorm2d) == 0
+    assert all(m.bias is not None for m in plain.decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d))
+    assert _count(base, torch.nn.Dropout) == 1 and base.bottleneck[1].p == 0.5
+    assert _count(plain, torch.nn.Dropout) == 0
+    plain.train()
+    x, mask = torch.rand(2, 3, 99, 99, generator=gen), make_masks("center", 2, 99, 99)
+    torch.manual_seed(0)
+    first = plain(x, mask)
+    torch.manual_seed(1)
+    assert torch.equal(first, plain(x, mask))  # no dropout draw: training-mode outputs do not depend on the RNG
+    plain.save_pretrained(tmp_path / "m")
+    loaded = ContextEncoder.from_pretrained(tmp_path / "m")
+    assert loaded.config["decoder_norm"] == "none" and loaded.config["dropout"] == 0.0
+    assert _count(loaded.decoder, torch.nn.BatchNorm2d) == 0 and _count(loaded, torch.nn.Dropout) == 0
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(ValueError, match="norm must be one of"):
+        ContextEncoder("alexnet", image_size=99, decoder_norm="layer")
+    with pytest.raises(ValueError, match="dropout must be in"):
+        ContextEncoder("alexnet", image_size=99, dropout=1.0)

@@ -202,3 +202,17 @@ def test_diverged_run_fails_and_keeps_only_finite_checkpoints(image_folder, tmp_
     assert ckpt is not None and str(ckpt) in last
     for f in ckpt.glob("*.safetensors"):
         assert all(torch.isfinite(t).all() for t in load_file(f).values() if t.is_floating_point()), f
+
+
+def test_scale_lr_scales_both_optimisers_from_their_base_rates():
+    obj = tiny_objective(adversarial=True)
+    obj.scale_lr(0.25)
+    assert obj.opt_g.param_groups[0]["lr"] == pytest.approx(2.5e-4)
+    assert obj.opt_d.param_groups[0]["lr"] == pytest.approx(2.5e-5)  # the 10:1 ratio is kept
+    obj.scale_lr(0.5)  # from the base rates, not from the rates set last
+    assert obj.opt_g.param_groups[0]["lr"] == pytest.approx(5e-4)
+    assert obj.opt_d.param_groups[0]["lr"] == pytest.approx(5e-5)
+    before = snapshot(obj)
+    obj.scale_lr(0.0)
+    step(obj)
+    assert not [k for k in changed(before, snapshot(obj)) if k.startswith("g.")]  # lr 0: the weights stay

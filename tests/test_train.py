@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from ce_pretrain import ContextEncoder
-from ce_pretrain.checkpoint import latest_checkpoint
+from ce_pretrain.checkpoint import check_resumable, latest_checkpoint
+from ce_pretrain.config import build_parser, resolve_config
 from ce_pretrain.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +79,53 @@ def test_killed_run_resumes_to_identical_weights(image_folder, tmp_path):
     assert losses(ref)[-2:] == losses(out)[-2:]
 
 
+ABLATION = ["--augment", "rrc+jitter", "--lr-schedule", "cosine", "--warmup-steps", "2", "--schedule-steps", "6",
+            "--decoder-norm", "none", "--fc-dropout", "0.2", "--lr", "1e-3"]
+
+
+def _same_weights(a_dir, b_dir):
+    a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ablation_knobs_resume_to_identical_weights(image_folder, tmp_path):
+    from ce_pretrain.schedule import lr_factor
+
+    common = ["--data", str(image_folder), "--checkpoint-every", "2", "--seed", "3", "--max-steps", "6", *TINY,
+              *ABLATION]
+    ref, resumed = tmp_path / "ref", tmp_path / "resumed"
+    run(*common, "--output-dir", str(ref))
+    proc = run(*common, "--output-dir", str(resumed), "--resume", str(ref / "checkpoints" / "step_00000004"))
+    assert "at step 4" in proc.stdout + proc.stderr
+    assert _same_weights(ref, resumed), "resumed weights differ from the uninterrupted run"
+    assert losses(ref)[-2:] == losses(resumed)
+    with open(ref / "logs" / "ce_pretrain" / "metrics.csv") as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert lrs == pytest.approx([1e-3 * lr_factor(t, "cosine", 2, 6) for t in range(6)])
+    assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3) and lrs[-1] < 2e-4
+    model = ContextEncoder.from_pretrained(str(ref))
+    assert model.config["decoder_norm"] == "none" and model.config["dropout"] == 0.2
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.decoder.modules())
+    assert json.loads((ref / "train_summary.json").read_text())["config"]["augment"] == "rrc+jitter"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["loader", "data-cache"])
+def test_ablation_run_extended_in_stages_equals_the_uninterrupted_one(image_folder, tmp_path, path):
+    """As the feature study extends a run milestone by milestone: --max-steps 4, then --resume to 6, with the
+    schedule's length fixed by --schedule-steps; on the PIL loader and on the --data-cache device path."""
+    common = ["--data", str(image_folder), "--checkpoint-every", "2", "--seed", "3", *TINY, *ABLATION]
+    if path == "data-cache":
+        common += ["--data-cache", str(tmp_path / "cache.npy")]
+    ref, staged = tmp_path / "ref", tmp_path / "staged"
+    run(*common, "--output-dir", str(ref), "--max-steps", "6")
+    run(*common, "--output-dir", str(staged), "--max-steps", "4")
+    resumed = run(*common, "--output-dir", str(staged), "--max-steps", "6", "--resume")
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert _same_weights(ref, staged), "resumed weights differ from the uninterrupted run"
+    assert losses(ref)[-2:] == losses(staged)[-2:]
+
+
 def test_bad_files_are_skipped_and_reported(image_folder, tmp_path):
     (image_folder / "zero.jpg").write_bytes(b"")
     (image_folder / "sub").mkdir()
@@ -100,6 +148,11 @@ def test_bad_files_are_skipped_and_reported(image_folder, tmp_path):
     (["--push-to-hub"], "--hub-model-id"),
     (["--resume", "/no/checkpoint"], "does not exist"),
     (["--streaming"], "--streaming applies to Hugging Face datasets"),
+    (["--fc-dropout", "1"], "--fc-dropout must be in [0, 1)"),
+    (["--preset", "inpainting", "--fc-dropout", "0"], "has no dropout"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be ≥ 0"),
+    (["--lr-schedule", "cosine", "--warmup-steps", "10", "--max-steps", "10"], "leaves no steps for the cosine"),
+    (["--schedule-steps", "0"], "--schedule-steps must be at least 1"),
 ])
 def test_bad_flags_stop_at_once_with_one_line(args, message, tmp_path, capsys):
     out = tmp_path / "never"
@@ -107,6 +160,16 @@ def test_bad_flags_stop_at_once_with_one_line(args, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and err.startswith("ce_pretrain/train.py: error:")
     assert not out.exists()  # nothing was built or written
+
+
+@pytest.mark.parametrize("args", [["--augment", "mixup"], ["--lr-schedule", "step"], ["--decoder-norm", "layer"],
+                                  ["--warmup-steps", "ten"]])
+def test_bad_choices_are_one_line_exit_2(args, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--output-dir", str(tmp_path / "never")])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("ce_pretrain/train.py: error:")
+    assert args[0] in err and not (tmp_path / "never").exists()
 
 
 def test_empty_folder_is_refused(tmp_path, capsys):
@@ -122,6 +185,15 @@ def test_resume_of_another_run_is_refused(image_folder, tmp_path, capsys):
     args[args.index("resnet18")] = "resnet34"
     assert main(args) == 2
     assert "belongs to another run" in capsys.readouterr().err
+    args[args.index("resnet34")] = "resnet18"
+    assert main([*args, "--decoder-norm", "none"]) == 2  # another decoder: its weights cannot load
+    assert "decoder_norm: checkpoint 'batch' vs now 'none'" in capsys.readouterr().err
+    # a checkpoint written before a key existed ran with that key's default: it still resumes
+    ckpt = latest_checkpoint(out)
+    run_json = json.loads((ckpt / "run.json").read_text())
+    del run_json["config"]["decoder_norm"]
+    (ckpt / "run.json").write_text(json.dumps(run_json))
+    check_resumable(ckpt, resolve_config(build_parser().parse_args(args)))
 
 
 def test_inpainting_preset_joint_loss_bf16(image_folder, tmp_path):

@@ -123,3 +123,44 @@ def test_voc_columns_run_through_the_entry_points(table2, classes, tmp_path):
     assert sorted(c["column"] for c in cells.values()) == ["voc-cls", "voc-det", "voc-seg"]
     assert all(0 <= c["score"] <= 100 and c["steps"] >= 1 for c in cells.values())
     assert "Paper, Table 2" in (out / "table2.md").read_text()
+
+
+def test_an_ablation_row_is_its_own_cell_keyed_by_its_flags(table2, tmp_path):
+    from transfer.study.cells import Study, row_id
+
+    budget = BUDGETS["small"]
+    rows = table2.build_rows(table2.parse_args(["--ablate", "ce-aug=--augment rrc+jitter", "--pretrain-override",
+                                                "ce-center=--decoder-norm none"]))
+    assert rows["ce-aug"] == ["--augment", "rrc+jitter"]
+    assert row_id("ce-region", rows["ce-region"], budget) == "ce-region"  # built-in rows keep their keys
+    assert row_id("random-timm", None, budget) == "random-timm"
+    aug = row_id("ce-aug", rows["ce-aug"], budget)
+    assert aug.startswith("ce-aug@") and aug != row_id("ce-aug", ["--augment", "rrc"], budget)
+    assert row_id("ce-center", rows["ce-center"], budget).startswith("ce-center@")  # overridden: new cells
+    cosine = ["--lr-schedule", "cosine"]
+    assert row_id("c", cosine, budget) != row_id("c", cosine, BUDGETS["smoke"])  # the schedule ends elsewhere
+    assert row_id("c", ["--lr", "1e-3"], budget) == row_id("c", ["--lr", "1e-3"], BUDGETS["smoke"])
+    # cells computed under other flags stay in results.json but are not this study's
+    old = cell_key(row_id("ce-aug", ["--augment", "rrc"], budget), 0, 64, "knn")
+    new = cell_key(aug, 0, 64, "knn")
+    cells = {k: {"row": "ce-aug", "seed": 0, "images": 64, "column": "knn", "score": s}
+             for k, s in [(old, 10.0), (new, 20.0)]}
+    study = Study(out=tmp_path, budget_name="small", budget=budget, rows={"ce-aug": rows["ce-aug"]},
+                  columns=("knn",), seeds=[0], cells=cells)
+    assert list(study.current_cells()) == [new]
+
+
+@pytest.mark.slow
+def test_an_ablation_row_pretrains_with_its_flags(table2, classes, tmp_path):
+    out = tmp_path / "study"
+    flags = "--augment rrc+jitter --lr-schedule cosine --warmup-steps 1 --decoder-norm none --fc-dropout 0"
+    assert table2.main(["--budget", "smoke", "--data", str(classes), "--output-dir", str(out), "--rows", "abl",
+                        "--ablate", f"abl={flags}", "--columns", "knn", "--milestones", "1", "2",
+                        "--num-workers", "0", "--cpu"]) == 0
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert len(cells) == 2 and all(k.startswith("abl@") for k in cells)
+    assert all(c["flags"] == flags.split() and c["row"] == "abl" for c in cells.values())
+    (run_dir,) = (out / "pretrain").iterdir()
+    summary = json.loads((run_dir / "seed0" / "train_summary.json").read_text())
+    assert summary["config"]["augment"] == "rrc+jitter" and summary["config"]["schedule_steps"] == 2
+    assert summary["resumed_from_step"] == 1 and "| abl | " in (out / "table2.md").read_text()

@@ -1,16 +1,20 @@
 """The cells of the feature study: pretraining or initialising a row, one transfer run per cell, and resume.
 
 A cell is one (row, seed, pretraining images seen, column) score; ``run_study`` fills the missing ones and saves
-``results.json`` after each, so a rerun after a crash recomputes nothing that is finished.
+``results.json`` after each, so a rerun after a crash recomputes nothing that is finished. A row is identified by
+its name and, unless it is a built-in row with its built-in flags, by its pretraining flags too (:func:`row_id`):
+an ablation row given other flags under the same name is a new row, never mixed with the cells of the old one.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -21,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ce_pretrain.atomic import write_text_atomic
-from transfer.study.budgets import IMAGEFOLDER, METRIC, Budget, StudyError, row_batch_size
+from transfer.study.budgets import IMAGEFOLDER, METRIC, ROWS, Budget, StudyError, row_batch_size
 
 
 def _save_timm_folder(model: torch.nn.Module, backbone: str, image_size: int, dst: Path, note: str) -> None:
@@ -56,10 +60,29 @@ def initialisation(row: str, budget: Budget, seed: int, dst: Path) -> Path:
     return dst
 
 
+def row_id(row: str, flags: list[str] | None, budget: Budget) -> str:
+    """The name under which a row's cells and pretraining runs are stored.
+
+    A built-in row with its built-in flags (and any initialisation row) keeps its name; any other pretrained row
+    gets ``NAME@HASH``, a hash of its flags, so that changing a row's flags never reuses what the old flags
+    computed. A cosine schedule ends at the last milestone, so for such rows the hash covers that too.
+    """
+    if flags is None or flags == ROWS.get(row):
+        return row
+    text = shlex.join(flags)
+    if any("cosine" in f for f in flags):
+        text += f" --schedule-steps {budget.milestones[-1]}"
+    return f"{row}@{hashlib.blake2b(text.encode(), digest_size=4).hexdigest()}"
+
+
 def pretrain(row: str, flags: list[str], budget: Budget, seed: int, steps: int, args: argparse.Namespace,
              out: Path, data: Path) -> Path:
-    """The encoder of ``row`` after ``steps`` pretraining steps (``python -m ce_pretrain.train``, resumed)."""
-    run_dir = out / "pretrain" / row / f"seed{seed}"
+    """The encoder of ``row`` after ``steps`` pretraining steps (``python -m ce_pretrain.train``, resumed).
+
+    The run is extended milestone by milestone (``--resume`` with a larger ``--max-steps``); its learning-rate
+    schedule spans the last milestone (``--schedule-steps``), so each stage continues the same schedule.
+    """
+    run_dir = out / "pretrain" / row_id(row, flags, budget) / f"seed{seed}"
     snap = run_dir / f"encoder-step{steps}"
     if (snap / "model.safetensors").is_file():
         return snap
@@ -67,7 +90,8 @@ def pretrain(row: str, flags: list[str], budget: Budget, seed: int, steps: int, 
            "--image-size", str(budget.image_size), "--batch-size", str(budget.batch_size), "--max-steps", str(steps),
            "--data", str(data), "--seed", str(seed), "--output-dir", str(run_dir), "--num-workers",
            str(args.num_workers), "--checkpoint-every", str(max(100, steps // 4)), "--keep-checkpoints", "1",
-           "--sample-every", str(10**9), "--log-every", str(max(1, min(50, steps))), *flags]
+           "--sample-every", str(10**9), "--log-every", str(max(1, min(50, steps))),
+           "--schedule-steps", str(budget.milestones[-1]), *flags]
     if args.cpu:
         cmd.append("--cpu")
     elif torch.cuda.is_available():
@@ -151,7 +175,7 @@ def _cpus() -> int:
 
 
 def cell_key(row: str, seed: int, images: int, column: str) -> str:
-    """The ``results.json`` key of one cell."""
+    """The ``results.json`` key of one cell; ``row`` is the row's :func:`row_id`."""
     return f"{row}/seed{seed}/images{images}/{column}"
 
 
@@ -167,6 +191,12 @@ class Study:
     seeds: list[int]
     cells: dict[str, dict] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+
+    def current_cells(self) -> dict[str, dict]:
+        """The cells of this study's rows with their present flags (``results.json`` may hold others: cells of
+        rows since renamed, dropped or given other flags, which the tables leave out)."""
+        ids = {row_id(row, flags, self.budget) for row, flags in self.rows.items()}
+        return {k: v for k, v in self.cells.items() if k.split("/", 1)[0] in ids}
 
     def save(self) -> None:
         payload = {"budget": self.budget_name, "budget_sizes": dataclasses.asdict(self.budget), **self.meta,
@@ -192,9 +222,10 @@ def run_study(study: Study, args: argparse.Namespace, data: Path, log=print) -> 
     for seed in study.seeds:
         for row, flags in study.rows.items():
             points = [0] if flags is None else list(budget.milestones)
+            rid = row_id(row, flags, budget)
             for steps in points:
                 images = steps * row_batch_size(flags, budget)
-                todo = [c for c in study.columns if cell_key(row, seed, images, c) not in study.cells
+                todo = [c for c in study.columns if cell_key(rid, seed, images, c) not in study.cells
                         and (c in ("linear", "knn") or steps in (0, last))]  # fine-tune and VOC: final weights
                 if not todo:
                     continue
@@ -205,14 +236,14 @@ def run_study(study: Study, args: argparse.Namespace, data: Path, log=print) -> 
                     source = pretrain(row, flags, budget, seed, steps, args, study.out, data / "train")
                     log(f"pretrained {row} seed {seed} to {images} images ({time.time() - started:.0f} s)")
                 for column in todo:
-                    key = cell_key(row, seed, images, column)
+                    key = cell_key(rid, seed, images, column)
                     cell_dir = study.out / "cells" / key.replace("/", "_")
                     started = time.time()
                     if column in IMAGEFOLDER:
                         cell = _imagefolder_cell(column, str(source), row, budget, args, seed, data, cell_dir)
                     else:
                         cell = _voc_cell(column, str(source), budget, args, seed, cell_dir)
-                    cell.update(row=row, seed=seed, images=images, column=column,
+                    cell.update(row=row, flags=flags, seed=seed, images=images, column=column,
                                 seconds=round(time.time() - started, 1))
                     study.cells[key] = cell
                     study.save()
