@@ -16,9 +16,15 @@ peak memory is its own:
 * ``data`` / ``masks``: ms per batch of the loader's work alone, in the main process (decode, resize, crop, flip,
   collate: what each of the ``--workers`` loader processes spends per batch) and of mask generation alone;
 * ``end-to-end``: the step fed by the loader and fresh masks, as ``train.py`` runs it — data included;
+* ``cache e2e``: the same step fed by ``--data-cache`` instead (:class:`~ce_pretrain.gpu_data.CachedCrops`: images
+  decoded once into a memory-mapped uint8 file, crops and flips cut on the device) — the GPU data path;
 * ``MFU``: model FLOPs per step (counted with ``torch.utils.flop_counter``) over the step time, against this
   machine's *measured* dense matmul rate in the same precision (the practical ceiling, not a datasheet number);
 * ``peak MB``: the process's peak resident memory (CPU) or peak allocated memory (CUDA).
+
+``--compile MODE ...`` adds, for each configuration, rows whose model and discriminator run under
+``torch.compile(mode=MODE)`` (``default``, ``reduce-overhead`` = CUDA graphs, ``max-autotune``...), timed after the
+warm-up steps that compile them.
 
 ``--port-dir`` points at a local clone of BoyuanJiang/context_encoder_pytorch (not shipped here); its ``_netG`` /
 ``_netlocalD`` are imported from there and trained the way its ``train.py`` does (fp32, NCHW, three discriminator
@@ -34,6 +40,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -117,6 +124,7 @@ def bench_ours(args: SimpleNamespace) -> dict:
 
     from ce_pretrain.config import PRESETS, TrainConfig
     from ce_pretrain.data import EpochSampler, ImageDataset, collate, list_images
+    from ce_pretrain.gpu_data import CachedCrops, open_cache
     from ce_pretrain.objective import ContextEncoderObjective
     from ce_pretrain.sources import sample_images
 
@@ -130,6 +138,10 @@ def bench_ours(args: SimpleNamespace) -> dict:
     torch.backends.cudnn.benchmark = True
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=args.device == "cpu")
     runner = ContextEncoderObjective.build(cfg, accelerator)
+    if args.compile:
+        for module in (runner.model, runner.disc):
+            if module is not None:
+                module.compile(mode=None if args.compile == "default" else args.compile)
     device, b, s = accelerator.device, cfg.batch_size, cfg.image_size
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
     images = torch.rand(b, 3, s, s, device=device).contiguous(memory_format=memory)
@@ -157,8 +169,21 @@ def bench_ours(args: SimpleNamespace) -> dict:
         runner.step(x, runner.masks(b, next(seeds), device))
 
     end_to_end = _time(fed_step, max(2, args.steps // 2), 1, args.device)
+    batches = loader = None  # let the loader's workers go before the cached path is timed
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache, _ = open_cache(dataset, Path(tmp) / "cache.npy", num_workers=args.workers)
+        cached = iter(CachedCrops(cache, s, b, device, seed=1))
+
+        def cached_step():
+            crops, _ = next(cached)
+            x = crops.float().div_(255).contiguous(memory_format=memory)
+            runner.step(x, runner.masks(b, next(seeds), device))
+
+        cached_e2e = _time(cached_step, max(2, args.steps // 2), 1, args.device)
     return dict(config=args.config, device=args.device, precision=args.precision, batch=b, size=s, flops=flops,
-                compute_s=compute, data_s=data, masks_s=masks, e2e_s=end_to_end, peak_mb=_peak_mb(args.device))
+                compute_s=compute, data_s=data, masks_s=masks, e2e_s=end_to_end, cache_s=cached_e2e,
+                compile=args.compile, peak_mb=_peak_mb(args.device))
 
 
 def bench_port(args: SimpleNamespace) -> dict:
@@ -198,7 +223,8 @@ def bench_port(args: SimpleNamespace) -> dict:
     flops = _count_flops(step)
     compute = _time(step, args.steps, args.warmup, args.device)
     return dict(config="port:BoyuanJiang", device=args.device, precision="fp32", batch=b, size=s, flops=flops,
-                compute_s=compute, data_s=None, masks_s=None, e2e_s=None, peak_mb=_peak_mb(args.device))
+                compute_s=compute, data_s=None, masks_s=None, e2e_s=None, cache_s=None, compile=None,
+                peak_mb=_peak_mb(args.device))
 
 
 def run_single(spec: dict) -> None:
@@ -227,6 +253,8 @@ def main() -> None:
     p.add_argument("--port-dir", help="local clone of BoyuanJiang/context_encoder_pytorch to compare with")
     p.add_argument("--port-batch-size", type=int, default=64, help="the port's batch (its train.py's default: 64)")
     p.add_argument("--nchw", action="store_true", help="disable channels-last")
+    p.add_argument("--compile", nargs="+", default=[], metavar="MODE",
+                   help="also time each configuration under torch.compile(mode=MODE): default, reduce-overhead, ...")
     p.add_argument("--single", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.single:
@@ -241,7 +269,8 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, accelerate {accelerate.__version__}, {time.strftime('%Y-%m-%d')}")
     header = (f"{'config':28s} {'prec':5s} {'batch':>5s} {'px':>4s} {'ms/step':>8s} {'img/s':>8s} {'GFLOP/st':>9s} "
-              f"{'MFU':>6s} {'data ms':>8s} {'mask ms':>8s} {'e2e ms':>8s} {'e2e img/s':>9s} {'peak MB':>8s}")
+              f"{'MFU':>6s} {'data ms':>8s} {'mask ms':>8s} {'e2e ms':>8s} {'e2e img/s':>9s} {'cache img/s':>11s} "
+              f"{'peak MB':>8s}")
     for device in devices:
         name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
         rates = {"fp32": matmul_rate(torch.float32, device), "bf16": matmul_rate(torch.bfloat16, device)}
@@ -250,10 +279,11 @@ def main() -> None:
         print(f"\n== {device}: {name}; measured matmul: fp32 {rates['fp32'] / 1e9:.1f} GFLOP/s, "
               f"bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s")
         jobs = [dict(config=":".join(c.split(":")[:2]), batch_size=int(c.split(":")[2]) if c.count(":") == 2 else 64,
-                     precision=pr)
-                for c in (args.configs or PLANS[device]) for pr in (args.precision or precisions(device, rates))]
+                     precision=pr, compile=mode)
+                for c in (args.configs or PLANS[device]) for pr in (args.precision or precisions(device, rates))
+                for mode in (None, *args.compile)]
         if args.port_dir:
-            jobs.append(dict(config="port", batch_size=args.port_batch_size, precision="fp32"))
+            jobs.append(dict(config="port", batch_size=args.port_batch_size, precision="fp32", compile=None))
         print(header)
         print("-" * len(header))
         results = []
@@ -264,16 +294,21 @@ def main() -> None:
                                   text=True, check=False)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
-                print(f"{job['config']:28s} {job['precision']:5s} failed: {proc.stderr.strip().splitlines()[-1:]}")
+                print(f"{_label(job):28s} {job['precision']:5s} failed: {proc.stderr.strip().splitlines()[-1:]}")
                 continue
             r = json.loads(line[7:])
             results.append(r)
             mfu = r["flops"] / r["compute_s"] / rates[r["precision"]]
             e2e_ips = f"{r['batch'] / r['e2e_s']:9.1f}" if r["e2e_s"] else f"{'-':>9s}"
-            print(f"{r['config']:28s} {r['precision']:5s} {r['batch']:5d} {r['size']:4d} {_ms(r['compute_s'])} "
+            cache_ips = f"{r['batch'] / r['cache_s']:11.1f}" if r["cache_s"] else f"{'-':>11s}"
+            print(f"{_label(r):28s} {r['precision']:5s} {r['batch']:5d} {r['size']:4d} {_ms(r['compute_s'])} "
                   f"{r['batch'] / r['compute_s']:8.1f} {r['flops'] / 1e9:9.1f} {mfu:6.1%} {_ms(r['data_s'])} "
-                  f"{_ms(r['masks_s'])} {_ms(r['e2e_s'])} {e2e_ips} {r['peak_mb']:8.0f}")
+                  f"{_ms(r['masks_s'])} {_ms(r['e2e_s'])} {e2e_ips} {cache_ips} {r['peak_mb']:8.0f}")
         report(device, results)
+
+
+def _label(r: dict) -> str:
+    return r["config"] + (f" +compile:{r['compile']}" if r.get("compile") else "")
 
 
 def report(device: str, results: list[dict]) -> None:
@@ -283,13 +318,14 @@ def report(device: str, results: list[dict]) -> None:
     port_ips = port["batch"] / port["compute_s"] if port else None
     for r in results:
         ips = r["batch"] / r["compute_s"]
-        if port_ips and r["config"] == "inpainting:dcgan_encoder":
-            print(f"{device}: inpainting preset, {r['precision']}, batch {r['batch']}: {ips / port_ips:.2f}× the "
+        if port_ips and r["config"] == "inpainting:dcgan_encoder":  # with or without compile
+            print(f"{device}: {_label(r)}, {r['precision']}, batch {r['batch']}: {ips / port_ips:.2f}× the "
                   f"port's images/s at batch {port['batch']} ({ips:.1f} vs {port_ips:.1f})")
         target = GPU_TARGETS.get((r["config"], r["batch"])) if device == "cuda" and r["precision"] == "bf16" else None
         if target:
-            e2e = f"; end to end {r['batch'] / r['e2e_s']:.0f} img/s" if r["e2e_s"] else ""
-            print(f"{device}: {r['config']} batch {r['batch']} bf16 step: {ips:.0f} img/s, target {target} "
+            e2e = f"; end to end {r['batch'] / r['e2e_s']:.0f} img/s (JPEG loader)" if r["e2e_s"] else ""
+            e2e += f", {r['batch'] / r['cache_s']:.0f} img/s (--data-cache)" if r.get("cache_s") else ""
+            print(f"{device}: {_label(r)} batch {r['batch']} bf16 step: {ips:.0f} img/s, target {target} "
                   f"({ips / target:.2f}×){e2e}")
 
 
