@@ -156,8 +156,10 @@ def test_mmseg_holdout_trains_and_tests_once(mm_voc, ce_dir, tmp_path, monkeypat
     shutil.copytree(mm_voc, root)
     (root / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").unlink()
     calls = _count_metric_runs(monkeypatch)
-    assert main(_argv(ce_dir, root, tmp_path / "out", "--holdout", "0.5")) == 0
+    monkeypatch.chdir(tmp_path)  # a relative --output-dir, as the docs' command has: its split files are found
+    assert main(_argv(ce_dir, root, "out", "--holdout", "0.5")) == 0
     assert calls == [2]  # the 2 held-out images, once
+    assert (tmp_path / "out" / "splits" / "holdout.txt").is_file()
     assert "mIoU" in capsys.readouterr().out.strip().splitlines()[-1]
 
 

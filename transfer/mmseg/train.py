@@ -97,7 +97,7 @@ def build_config(args: argparse.Namespace):
     cfg = Config.fromfile(args.config)
     ckpt = load_encoder(args.model)
     voc = resolve_voc_dir(args.data_root, 2012)
-    work_dir = Path(args.output_dir)
+    work_dir = Path(args.output_dir).expanduser().resolve()  # mmseg reads a relative ann_file under data_root
     weights = convert(ckpt, work_dir / "encoder_mmseg.pth")
     channels = ckpt.create_model().feature_info[-1]["num_chs"]
     crop = (args.crop_size or ckpt.image_size,) * 2
