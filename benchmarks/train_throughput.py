@@ -268,7 +268,7 @@ def main() -> None:
     import accelerate
 
     print(f"torch {torch.__version__}, accelerate {accelerate.__version__}, {time.strftime('%Y-%m-%d')}")
-    header = (f"{'config':28s} {'prec':5s} {'batch':>5s} {'px':>4s} {'ms/step':>8s} {'img/s':>8s} {'GFLOP/st':>9s} "
+    header = (f"{'config':40s} {'prec':5s} {'batch':>5s} {'px':>4s} {'ms/step':>8s} {'img/s':>8s} {'GFLOP/st':>9s} "
               f"{'MFU':>6s} {'data ms':>8s} {'mask ms':>8s} {'e2e ms':>8s} {'e2e img/s':>9s} {'cache img/s':>11s} "
               f"{'peak MB':>8s}")
     for device in devices:
@@ -294,14 +294,14 @@ def main() -> None:
                                   text=True, check=False)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
-                print(f"{_label(job):28s} {job['precision']:5s} failed: {proc.stderr.strip().splitlines()[-1:]}")
+                print(f"{_label(job):40s} {job['precision']:5s} failed: {proc.stderr.strip().splitlines()[-1:]}")
                 continue
             r = json.loads(line[7:])
             results.append(r)
             mfu = r["flops"] / r["compute_s"] / rates[r["precision"]]
             e2e_ips = f"{r['batch'] / r['e2e_s']:9.1f}" if r["e2e_s"] else f"{'-':>9s}"
             cache_ips = f"{r['batch'] / r['cache_s']:11.1f}" if r["cache_s"] else f"{'-':>11s}"
-            print(f"{_label(r):28s} {r['precision']:5s} {r['batch']:5d} {r['size']:4d} {_ms(r['compute_s'])} "
+            print(f"{_label(r):40s} {r['precision']:5s} {r['batch']:5d} {r['size']:4d} {_ms(r['compute_s'])} "
                   f"{r['batch'] / r['compute_s']:8.1f} {r['flops'] / 1e9:9.1f} {mfu:6.1%} {_ms(r['data_s'])} "
                   f"{_ms(r['masks_s'])} {_ms(r['e2e_s'])} {e2e_ips} {cache_ips} {r['peak_mb']:8.0f}")
         report(device, results)

@@ -34,6 +34,8 @@ PRESETS: dict[str, dict] = {
                        max_steps=100_000),
 }
 DEMO_MAX_STEPS = 200
+# torch.compile modes --compile takes ("reduce-overhead" captures CUDA graphs)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEMO_BATCH_SIZE = 16
 MASK_CHOICES = TRAIN_MASK_KINDS
 
@@ -89,6 +91,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 20
     check_finite_every: int | None = None
     channels_last: bool = True
+    compile: str | None = None
     cpu: bool = False
     max_time: float | None = None
     overwrite: bool = False
@@ -239,6 +242,9 @@ def build_parser(prog: str = "ce_pretrain/train.py") -> argparse.ArgumentParser:
                         "default: --log-every")
     r.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="keep NCHW memory format (channels-last is faster on modern CPUs and GPUs)")
+    o.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                   help="run the model (and discriminator) under torch.compile(mode=MODE): "
+                        f"{', '.join(COMPILE_MODES)}; the first steps compile (minutes); default: off")
     return p
 
 
@@ -277,7 +283,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         sample_every=args.sample_every, log_every=args.log_every, resume=args.resume, seed=args.seed,
         log_with=log_with, push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id,
         num_workers=args.num_workers, channels_last=args.channels_last, max_nonfinite_steps=args.max_nonfinite_steps,
-        check_finite_every=args.check_finite_every,
+        check_finite_every=args.check_finite_every, compile=args.compile,
         cpu=args.cpu, overwrite=args.overwrite,
         max_time=None if args.max_time is None else parse_duration(args.max_time),
         **{k: v for k, v in preset.items() if k in TrainConfig.__dataclass_fields__},
@@ -342,6 +348,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--mask-shapes folder {cfg.mask_shapes!r} does not exist")
     if cfg.push_to_hub and not cfg.hub_model_id:
         raise ConfigError("--push-to-hub needs --hub-model-id USER/NAME")
+    if cfg.compile is not None and cfg.compile not in COMPILE_MODES:
+        raise ConfigError(f"--compile {cfg.compile!r} is not one of {', '.join(COMPILE_MODES)}")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"mixed precision {cfg.mixed_precision!r} is not one of no, fp16, bf16")
     if cfg.resume and cfg.overwrite:

@@ -19,6 +19,14 @@ from .model import ContextEncoder
 __all__ = ["ContextEncoderObjective", "NonFiniteMonitor", "all_finite", "step_seed"]
 
 
+def _compiled(module: torch.nn.Module, mode: str | None) -> torch.nn.Module:
+    """``module`` compiled in place (``nn.Module.compile``: its calls go through ``torch.compile``, its parameter
+    names and ``state_dict`` stay those of the plain module, so checkpoints and saved models do not change)."""
+    if mode is not None:
+        module.compile(mode=None if mode == "default" else mode)
+    return module
+
+
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     """The seed of one micro-batch's masks and dropout: a pure function of the run's seed and position, so a
     resumed run draws exactly what the uninterrupted one would have."""
@@ -95,12 +103,12 @@ class ContextEncoderObjective:
         kwargs = dict(mask_rule=rule, loss=cfg.loss, adversarial_weight=cfg.adversarial_weight)
         if not cfg.adversarial:
             model, opt_g = accelerator.prepare(model, opt_g)
-            return cls(accelerator, model, None, opt_g, None, **kwargs)
+            return cls(accelerator, _compiled(model, cfg.compile), None, opt_g, None, **kwargs)
         disc = Discriminator(model.pred_size).to(memory_format=memory)
         opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.discriminator_lr or cfg.lr / 10, betas=(cfg.beta1, 0.999),
                                  fused=fused)
         model, disc, opt_g, opt_d = accelerator.prepare(model, disc, opt_g, opt_d)
-        return cls(accelerator, model, disc, opt_g, opt_d, **kwargs)
+        return cls(accelerator, _compiled(model, cfg.compile), _compiled(disc, cfg.compile), opt_g, opt_d, **kwargs)
 
     def masks(self, batch: int, seed: int, device: torch.device | str) -> torch.Tensor:
         """The masks of one micro-batch, bool ``[B, 1, S, S]``, drawn from ``seed`` (see :func:`step_seed`).
