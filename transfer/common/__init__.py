@@ -2,7 +2,7 @@
 data and VOC metrics."""
 
 from .checkpoint import CheckpointError, EncoderCheckpoint, load_encoder
-from .cli import RunInterrupted, UsageError, add_common_args, check_output_dir, run_main
+from .cli import RunInterrupted, UsageError, add_common_args, check_output_dir, claim_output_dir, run_main
 from .engine import EngineConfig, Task, fit
 from .features import TimmFeatures, choose_taps, default_taps
 from .voc import VOC_CLASSES, VOCClassification, VOCDetection, VOCLayoutError, VOCSegmentation, resolve_voc_dir
@@ -22,6 +22,7 @@ __all__ = [
     "VOCSegmentation",
     "add_common_args",
     "check_output_dir",
+    "claim_output_dir",
     "choose_taps",
     "default_taps",
     "fit",
