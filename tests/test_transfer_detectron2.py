@@ -467,3 +467,24 @@ def test_sigterm_mid_run_saves_and_exits_143(ce_dirs, d2_voc, tmp_path, capsys, 
     assert "stopped by SIGTERM after iteration 2/10" in err and "--resume" in err
     assert (tmp_path / "last_checkpoint").read_text().strip() == "model_0000001.pth"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
+
+
+def test_checkpoints_appear_whole_or_not_at_all(d2_voc, tmp_path, monkeypatch):
+    from transfer.detectron2.train_net import AtomicCheckpointer
+
+    model = torch.nn.Linear(3, 2)
+    checkpointer = AtomicCheckpointer(model, str(tmp_path))
+    checkpointer.save("model_0000001", iteration=1)
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert torch.load(tmp_path / "model_0000001.pth", weights_only=True)["iteration"] == 1
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        checkpointer.save("model_0000002", iteration=2)
+    assert not (tmp_path / "model_0000002.pth").exists()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"  # resume still finds a whole file
+    assert checkpointer.has_checkpoint() and checkpointer.get_checkpoint_file().endswith("model_0000001.pth")

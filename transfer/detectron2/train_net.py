@@ -22,6 +22,7 @@ exits with 128 + its number, ``--max-time`` with 0.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ except ImportError as err:
               "(docs/transfer.md)", file=sys.stderr)
         sys.exit(2)
     raise
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.pascal_voc import register_pascal_voc
@@ -43,6 +45,7 @@ from detectron2.engine import DefaultTrainer, HookBase, default_setup, launch
 from detectron2.evaluation import PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 
+from ce_pretrain.atomic import write_text_atomic
 from ce_pretrain.stopping import StopRequest, agreed, describe, forward_signals_to_children
 from transfer.common.checkpoint import CheckpointError, load_encoder, load_strict
 from transfer.common.cli import RunInterrupted, UsageError, add_common_args, check_positive, claim_output_dir, run_main
@@ -53,7 +56,7 @@ from .convert import convert
 from .datasets import plan_splits, split_of, write_split_view
 from .keys import BACKBONE_PREFIX, FPN_BACKBONE_PREFIX
 
-__all__ = ["StopHook", "StoppedEarly", "Trainer", "check_encoder_fits", "load_trained", "prepare",
+__all__ = ["AtomicCheckpointer", "StopHook", "StoppedEarly", "Trainer", "check_encoder_fits", "load_trained", "prepare",
            "register_datasets", "run", "setup"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -87,8 +90,35 @@ def load_trained(model: torch.nn.Module, weights: str) -> None:
     load_strict(model, state.get("model", state), weights)
 
 
+class AtomicCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` whose checkpoints appear whole or not at all: each is written under a temporary name
+    and renamed into place, and ``last_checkpoint`` (written atomically) names it only then. A run killed mid-save
+    keeps its previous checkpoint; at worst a ``.tmp-*`` file is left."""
+
+    def save(self, name: str, **kwargs) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        staging = f".tmp-{os.getpid()}-{name}"
+        super().save(staging, **kwargs)  # detectron2's own format, under the temporary name
+        os.replace(Path(self.save_dir) / f"{staging}.pth", Path(self.save_dir) / f"{name}.pth")
+        self.tag_last_checkpoint(f"{name}.pth")
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        if not last_filename_basename.startswith(".tmp-"):  # the staging file is never the one to resume from
+            write_text_atomic(Path(self.save_dir) / "last_checkpoint", last_filename_basename)
+
+
 class Trainer(DefaultTrainer):
-    """``DefaultTrainer`` that refuses partial encoder loads and evaluates with the VOC evaluator."""
+    """``DefaultTrainer`` that refuses partial encoder loads, saves checkpoints atomically and evaluates with the VOC
+    evaluator."""
+
+    def build_hooks(self) -> list:
+        # DefaultTrainer built a plain DetectionCheckpointer just before; its periodic hook is made here, so swapping
+        # it now makes every save (periodic, final, StopHook's) atomic
+        plain = self.checkpointer
+        self.checkpointer = AtomicCheckpointer(plain.model, plain.save_dir, save_to_disk=plain.save_to_disk,
+                                               **plain.checkpointables)
+        return super().build_hooks()
 
     def resume_or_load(self, resume: bool = True) -> None:
         if not (resume and self.checkpointer.has_checkpoint()):
