@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import numbers
+import os
 import pickle
 import sys
 import time
@@ -162,10 +163,11 @@ def stop_hook(stop: StopRequest):
             self.code = agreed(stop, device, sync=done % STOP_SYNC_EVERY == 0)
             if not self.code:
                 return
-            name = f"iter_{done}.pth"
-            runner.save_checkpoint(runner.work_dir, name, by_epoch=False)  # meta "iter" = done: resume starts there
-            self.checkpoint = Path(runner.work_dir) / name
+            self.checkpoint = Path(runner.work_dir) / f"iter_{done}.pth"
+            staging = f".tmp-{os.getpid()}-{self.checkpoint.name}"  # renamed once whole: a kill mid-save loses nothing
+            runner.save_checkpoint(runner.work_dir, staging, by_epoch=False)  # meta "iter" = done: resume starts there
             if is_main_process():  # mmengine's resume=True reads the path in last_checkpoint
+                os.replace(Path(runner.work_dir) / staging, self.checkpoint)
                 write_text_atomic(Path(runner.work_dir) / "last_checkpoint", str(self.checkpoint))
             barrier()
             runner.train_loop.stop_training = True
