@@ -23,8 +23,8 @@ from pathlib import Path
 from .atomic import ensure_writable_dir, write_text_atomic
 from .config import ConfigError, TrainConfig
 
-__all__ = ["ARCHITECTURE_KEYS", "RunLock", "TrainState", "check_resumable", "checkpoint_dir",
-           "latest_checkpoint", "load_checkpoint", "prepare_output_dir", "read_run_json", "save_checkpoint"]
+__all__ = ["ARCHITECTURE_KEYS", "RunLock", "TrainState", "check_resumable", "checkpoint_dir", "latest_checkpoint",
+           "load_checkpoint", "prepare_output_dir", "read_run_json", "remove_run_outputs", "save_checkpoint"]
 
 CHECKPOINT_PREFIX = "step_"
 LOCK_NAME = ".ce-pretrain.lock"
@@ -242,10 +242,15 @@ def prepare_output_dir(cfg: TrainConfig) -> RunLock:
     check_writable(out, "--output-dir")
     lock = RunLock(out).acquire()
     if cfg.overwrite:
-        for name in RUN_OUTPUTS:  # only what a run writes: the user's other files stay
-            target = out / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
+        remove_run_outputs(out, RUN_OUTPUTS)
     return lock
+
+
+def remove_run_outputs(folder: Path, patterns: tuple[str, ...] | list[str]) -> None:
+    """Delete what an earlier run wrote into ``folder`` (``--overwrite``): the files and folders matching
+    ``patterns`` (names or globs such as ``model_*.pth``), nothing else — the user's other files stay."""
+    for target in [t for pattern in patterns for t in folder.glob(pattern)]:
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .augment import AUGMENTS, RRC_SCALE
+from .layers import DECODER_NORMS
 from .masks import TRAIN_MASK_KINDS
 from .schedule import SCHEDULES
 
@@ -34,10 +35,10 @@ PRESETS: dict[str, dict] = {
                        max_steps=100_000),
 }
 DEMO_MAX_STEPS = 200
-# torch.compile modes --compile takes ("reduce-overhead" captures CUDA graphs)
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEMO_BATCH_SIZE = 16
 MASK_CHOICES = TRAIN_MASK_KINDS
+# torch.compile modes --compile takes ("reduce-overhead" captures CUDA graphs)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class ConfigError(ValueError):
@@ -163,7 +164,7 @@ def build_parser(prog: str = "ce_pretrain/train.py") -> argparse.ArgumentParser:
     g.add_argument("--adversarial-weight", type=float,
                    help="λadv of the joint loss (λrec = 1 − λadv); 0 disables the discriminator; default: the "
                         "preset's (0 / 0.001)")
-    g.add_argument("--decoder-norm", choices=["batch", "none"], default="batch",
+    g.add_argument("--decoder-norm", choices=DECODER_NORMS, default="batch",
                    help="normalisation after each up-convolution of the decoder: BatchNorm (DCGAN's, as the original "
                         "code), or none (§3.1 names only ReLUs); stored in the model's config.json")
     g.add_argument("--fc-dropout", type=float,
@@ -324,8 +325,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {cfg.lr_schedule!r}")
     if cfg.augment not in AUGMENTS:
         raise ConfigError(f"--augment must be one of {', '.join(AUGMENTS)}, got {cfg.augment!r}")
-    if cfg.decoder_norm not in ("batch", "none"):
-        raise ConfigError(f"--decoder-norm must be batch or none, got {cfg.decoder_norm!r}")
+    if cfg.decoder_norm not in DECODER_NORMS:
+        raise ConfigError(f"--decoder-norm must be one of {', '.join(DECODER_NORMS)}, got {cfg.decoder_norm!r}")
     if not 0 <= cfg.fc_dropout < 1:
         raise ConfigError(f"--fc-dropout must be in [0, 1), got {cfg.fc_dropout}")
     if cfg.bottleneck != "channel-fc" and cfg.fc_dropout != 0.5:

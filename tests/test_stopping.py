@@ -7,8 +7,6 @@ import sys
 import textwrap
 import time
 
-import pytest
-
 from ce_pretrain.stopping import DUPLICATE_WINDOW_S, StopRequest, agreed, describe, exit_status
 
 

@@ -25,8 +25,8 @@ from transfer.common.cli import (
     UsageError,
     add_common_args,
     check_output_dir,
-    claim_output_dir,
     check_positive,
+    claim_output_dir,
     parse_duration,
     run_main,
 )

@@ -409,7 +409,8 @@ def test_output_dir_of_an_earlier_run_is_refused_and_locked(ce_dirs, d2_voc, tmp
     assert main(argv) == 2
     assert "another run" in capsys.readouterr().err
     # an OUTPUT_DIR override names the folder that is checked
-    assert main([*argv, "OUTPUT_DIR", str(tmp_path / "other")]) == 0 and (tmp_path / "other" / "model_final.pth").exists()
+    assert main([*argv, "OUTPUT_DIR", str(tmp_path / "other")]) == 0
+    assert (tmp_path / "other" / "model_final.pth").exists()
     assert not (tmp_path / "other" / LOCK_NAME).exists()  # released when the run ends
 
 
@@ -469,7 +470,8 @@ def test_sigterm_mid_run_saves_and_exits_143(ce_dirs, d2_voc, tmp_path, capsys, 
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
 
 
-def test_checkpoints_appear_whole_or_not_at_all(d2_voc, tmp_path, monkeypatch):
+def test_checkpoints_appear_whole_or_not_at_all(tmp_path, monkeypatch):
+    pytest.importorskip("detectron2", reason="detectron2 is not installed (builds from source: docs/transfer.md)")
     from transfer.detectron2.train_net import AtomicCheckpointer
 
     model = torch.nn.Linear(3, 2)

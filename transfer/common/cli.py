@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import os
 import re
-import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ __all__ = [
     "claim_output_dir",
     "parse_duration",
     "run_main",
+    "stop_message",
 ]
 
 EXIT_USAGE = 2
@@ -244,7 +244,7 @@ def claim_output_dir(path: str | os.PathLike, resume: bool = False, overwrite: b
     Raises:
         UsageError: as :func:`check_output_dir`, or another live run holds the folder.
     """
-    from ce_pretrain.checkpoint import RunLock
+    from ce_pretrain.checkpoint import RunLock, remove_run_outputs
     from ce_pretrain.config import ConfigError
 
     out = check_output_dir(path, resume=resume, overwrite=overwrite, markers=markers)
@@ -257,12 +257,16 @@ def claim_output_dir(path: str | os.PathLike, resume: bool = False, overwrite: b
         raise UsageError(str(err)) from None
     with lock:
         if overwrite and not resume:
-            for target in (t for m in markers for t in list(out.glob(m))):
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                else:
-                    target.unlink(missing_ok=True)
+            remove_run_outputs(out, markers)
         yield out
+
+
+def stop_message(code: int, done: int, total: int, checkpoint: str | os.PathLike) -> str:
+    """What a stopped library-trainer run (detectron2, mmseg) reports: why, where, and how to continue."""
+    from ce_pretrain.stopping import describe
+
+    return (f"stopped by {describe(code)} after iteration {done}/{total}: checkpoint {checkpoint}; to continue, "
+            "rerun the same command with --resume")
 
 
 def _first_line(error: BaseException) -> str:

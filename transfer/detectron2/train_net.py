@@ -46,9 +46,17 @@ from detectron2.evaluation import PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 
 from ce_pretrain.atomic import write_text_atomic
-from ce_pretrain.stopping import StopRequest, agreed, describe, forward_signals_to_children
+from ce_pretrain.stopping import StopRequest, agreed, forward_signals_to_children
 from transfer.common.checkpoint import CheckpointError, load_encoder, load_strict
-from transfer.common.cli import RunInterrupted, UsageError, add_common_args, check_positive, claim_output_dir, run_main
+from transfer.common.cli import (
+    RunInterrupted,
+    UsageError,
+    add_common_args,
+    check_positive,
+    claim_output_dir,
+    run_main,
+    stop_message,
+)
 from transfer.common.voc import VOCLayoutError, resolve_voc_dir
 
 from .backbone import add_timm_config
@@ -281,11 +289,9 @@ def _worker(cfg: CfgNode, args: argparse.Namespace, started: float) -> dict:
 
 def _stopped(early: StoppedEarly, max_iter: int) -> dict:
     """Say where a stopped run stands; exit with the signal's status (``--max-time``: return, status 0)."""
-    reason = "--max-time" if early.code == 1 else describe(early.code)
-    message = (f"stopped by {reason} after iteration {early.iteration}/{max_iter}: checkpoint {early.checkpoint}; to "
-               "continue, rerun the same command with --resume")
     if comm.is_main_process():
-        print(f"python -m transfer.detectron2.train_net: {message}", file=sys.stderr, flush=True)
+        print(f"python -m transfer.detectron2.train_net: "
+              f"{stop_message(early.code, early.iteration, max_iter, early.checkpoint)}", file=sys.stderr, flush=True)
     if early.code == 1:
         return {}
     if comm.get_world_size() > 1:

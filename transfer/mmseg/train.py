@@ -29,9 +29,17 @@ import time
 from pathlib import Path
 
 from ce_pretrain.atomic import write_text_atomic
-from ce_pretrain.stopping import StopRequest, agreed, describe
+from ce_pretrain.stopping import StopRequest, agreed
 from transfer.common.checkpoint import load_encoder
-from transfer.common.cli import RunInterrupted, UsageError, add_common_args, check_positive, claim_output_dir, run_main
+from transfer.common.cli import (
+    RunInterrupted,
+    UsageError,
+    add_common_args,
+    check_positive,
+    claim_output_dir,
+    run_main,
+    stop_message,
+)
 from transfer.common.voc import VOCLayoutError, holdout_split, resolve_voc_dir
 
 from .convert import convert
@@ -219,11 +227,10 @@ def run(cfg, max_time: float | None = None, started: float | None = None) -> dic
         runner.register_hook(hook)
         runner.train()
     if hook.code:
-        reason = "--max-time" if hook.code == 1 else describe(hook.code)
-        message = (f"stopped by {reason} after iteration {runner.iter}/{runner.max_iters}: checkpoint "
-                   f"{hook.checkpoint}; to continue, rerun the same command with --resume")
         if is_main_process():
-            print(f"python -m transfer.mmseg.train: {message}", file=sys.stderr, flush=True)
+            print(f"python -m transfer.mmseg.train: "
+                  f"{stop_message(hook.code, runner.iter, runner.max_iters, hook.checkpoint)}", file=sys.stderr,
+                  flush=True)
         if hook.code > 1:
             raise RunInterrupted("", hook.code)
         return {}
