@@ -39,6 +39,7 @@ from .data import EpochSampler, ImageDataset, StreamingImageDataset, collate
 from .export import save_timm_encoder
 from .figure import save_sample_grid
 from .gpu_data import CachedCrops, open_cache
+from .host_memory import retain_freed_memory
 from .masks import ShapeBank
 from .objective import ContextEncoderObjective, NonFiniteMonitor, all_finite, step_seed
 from .schedule import lr_factor
@@ -58,13 +59,16 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     GPUs run DDP over gloo on CPUs."""
     out = Path(cfg.output_dir)
     torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest kernels once
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=_use_cpu(cfg),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=make_trackers(cfg.log_with, out / "logs") or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
+    if accelerator.device.type == "cpu":
+        retain_freed_memory()  # a CPU step otherwise page-faults its large tensors in anew every step
+    return accelerator
 
 
 def _use_cpu(cfg: TrainConfig) -> bool:

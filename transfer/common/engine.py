@@ -151,6 +151,7 @@ def _accelerator(cfg: EngineConfig, out: Path, task_name: str):
     from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
 
+    from ce_pretrain.host_memory import retain_freed_memory
     from ce_pretrain.tracking import CSVTracker
 
     # the precision is process-wide state in accelerate; a new run in the same process may ask for another one
@@ -166,6 +167,8 @@ def _accelerator(cfg: EngineConfig, out: Path, task_name: str):
         raise UsageError(str(err).splitlines()[0]) from None
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # accelerate would run fp32
         raise UsageError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no")
+    if accelerator.device.type == "cpu":
+        retain_freed_memory()  # a CPU step otherwise page-faults its large tensors in anew every step
     return accelerator
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ce_pretrain.atomic import write_text_atomic
+from ce_pretrain.host_memory import retain_freed_memory
 from transfer.common.checkpoint import EncoderCheckpoint, load_encoder
 from transfer.common.cli import (
     RunFlags,
@@ -95,7 +96,10 @@ def _splits(cfg: ImageFolderConfig) -> tuple[list, list, list[str]]:
 
 
 def _device(cfg: ImageFolderConfig) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
+    if cfg.cpu or not torch.cuda.is_available():
+        retain_freed_memory()  # feature extraction otherwise page-faults its large activations in every batch
+        return torch.device("cpu")
+    return torch.device("cuda")
 
 
 def _loader(dataset: LabelledImages, cfg: ImageFolderConfig, shuffle: bool = False) -> torch.utils.data.DataLoader:
