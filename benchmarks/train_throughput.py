@@ -22,9 +22,15 @@ peak memory is its own:
   machine's *measured* dense matmul rate in the same precision (the practical ceiling, not a datasheet number);
 * ``peak MB``: the process's peak resident memory (CPU) or peak allocated memory (CUDA).
 
+On a GPU each configuration also gets a ``+cuda-graph`` row: the whole step captured once as a CUDA graph and
+replayed (``train.py --cuda-graph``, :class:`~ce_pretrain.cuda_graph.GraphedStep`), timed after its capture.
 ``--compile MODE ...`` adds, for each configuration, rows whose model and discriminator run under
-``torch.compile(mode=MODE)`` (``default``, ``reduce-overhead`` = CUDA graphs, ``max-autotune``...), timed after the
-warm-up steps that compile them.
+``torch.compile(mode=MODE)`` (``default``, ``reduce-overhead`` = CUDA graphs of the model alone, ``max-autotune``...),
+timed after the warm-up steps that compile them.
+
+On the CPU, our rows run with freed host memory kept in the process, as ``train.py`` does there
+(:mod:`ce_pretrain.host_memory`); the port is timed as its ``train.py`` runs and once more with the same setting, so
+the ratio that is ours alone is printed too.
 
 ``--port-dir`` points at a local clone of BoyuanJiang/context_encoder_pytorch (not shipped here); its ``_netG`` /
 ``_netlocalD`` are imported from there and trained the way its ``train.py`` does (fp32, NCHW, three discriminator
@@ -121,8 +127,10 @@ def _count_flops(fn) -> int:
 
 def bench_ours(args: SimpleNamespace) -> dict:
     from accelerate import Accelerator
+    from accelerate.utils import AutocastKwargs
 
     from ce_pretrain.config import PRESETS, TrainConfig
+    from ce_pretrain.cuda_graph import GraphedStep
     from ce_pretrain.data import EpochSampler, ImageDataset, collate, list_images
     from ce_pretrain.gpu_data import CachedCrops, open_cache
     from ce_pretrain.host_memory import retain_freed_memory
@@ -137,21 +145,28 @@ def bench_ours(args: SimpleNamespace) -> dict:
         values["image_size"] = 224
     cfg = TrainConfig(**values)
     torch.backends.cudnn.benchmark = True
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=args.device == "cpu")
+    handlers = [AutocastKwargs(cache_enabled=False)] if args.compile == "cuda-graph" else None  # as train.py
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=args.device == "cpu", kwargs_handlers=handlers)
     if args.device == "cpu":
         retain_freed_memory()  # as train.py does on the CPU (ce_pretrain.host_memory)
     runner = ContextEncoderObjective.build(cfg, accelerator)
-    if args.compile:
+    if args.compile == "cuda-graph":
+        step = GraphedStep(runner)  # captured after its own 3 eager steps, inside the warm-up
+    elif args.compile:
+        step = runner.step
         for module in (runner.model, runner.disc):
             if module is not None:
                 module.compile(mode=None if args.compile == "default" else args.compile)
+    else:
+        step = runner.step
     device, b, s = accelerator.device, cfg.batch_size, cfg.image_size
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
     images = torch.rand(b, 3, s, s, device=device).contiguous(memory_format=memory)
     mask = runner.masks(b, 0, device)
 
     flops = _count_flops(lambda: runner.step(images, mask))
-    compute = _time(lambda: runner.step(images, mask), args.steps, args.warmup, args.device)
+    compute = _time(lambda: step(images, mask), args.steps, max(args.warmup, 4 if args.compile == "cuda-graph" else 0),
+                    args.device)
     seeds = iter(range(1, 10**9))
     masks = _time(lambda: runner.masks(b, next(seeds), device), args.steps, 1, args.device)
 
@@ -169,7 +184,7 @@ def bench_ours(args: SimpleNamespace) -> dict:
     def fed_step():
         crops, _ = next(batches)
         x = crops.to(device, non_blocking=True).float().div_(255).contiguous(memory_format=memory)
-        runner.step(x, runner.masks(b, next(seeds), device))
+        step(x, runner.masks(b, next(seeds), device))
 
     end_to_end = _time(fed_step, max(2, args.steps // 2), 1, args.device)
     batches = loader = None  # let the loader's workers go before the cached path is timed
@@ -181,7 +196,7 @@ def bench_ours(args: SimpleNamespace) -> dict:
         def cached_step():
             crops, _ = next(cached)
             x = crops.float().div_(255).contiguous(memory_format=memory)
-            runner.step(x, runner.masks(b, next(seeds), device))
+            step(x, runner.masks(b, next(seeds), device))
 
         cached_e2e = _time(cached_step, max(2, args.steps // 2), 1, args.device)
     return dict(config=args.config, device=args.device, precision=args.precision, batch=b, size=s, flops=flops,
@@ -288,7 +303,7 @@ def main() -> None:
         jobs = [dict(config=":".join(c.split(":")[:2]), batch_size=int(c.split(":")[2]) if c.count(":") == 2 else 64,
                      precision=pr, compile=mode)
                 for c in (args.configs or PLANS[device]) for pr in (args.precision or precisions(device, rates))
-                for mode in (None, *args.compile)]
+                for mode in (None, *(["cuda-graph"] if device == "cuda" else []), *args.compile)]
         if args.port_dir:
             jobs.append(dict(config="port", batch_size=args.port_batch_size, precision="fp32", compile=None))
             if device == "cpu":  # also with the host-memory setting our CPU runs use, to show what is ours alone
@@ -318,7 +333,8 @@ def main() -> None:
 
 
 def _label(r: dict) -> str:
-    return r["config"] + (f" +compile:{r['compile']}" if r.get("compile") else "") + \
+    mode = r.get("compile")
+    return r["config"] + (" +cuda-graph" if mode == "cuda-graph" else f" +compile:{mode}" if mode else "") + \
         (" +kept host memory" if r.get("keep_memory") else "")
 
 

@@ -93,6 +93,7 @@ class TrainConfig:
     check_finite_every: int | None = None
     channels_last: bool = True
     compile: str | None = None
+    cuda_graph: bool = False
     cpu: bool = False
     max_time: float | None = None
     overwrite: bool = False
@@ -246,6 +247,9 @@ def build_parser(prog: str = "ce_pretrain/train.py") -> argparse.ArgumentParser:
     o.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
                    help="run the model (and discriminator) under torch.compile(mode=MODE): "
                         f"{', '.join(COMPILE_MODES)}; the first steps compile (minutes); default: off")
+    o.add_argument("--cuda-graph", action="store_true",
+                   help="capture the whole training step (forward, losses, backward, optimisers) as one CUDA graph "
+                        "after 3 eager steps and replay it: one GPU, no gradient accumulation, bf16 or fp32")
     return p
 
 
@@ -284,7 +288,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         sample_every=args.sample_every, log_every=args.log_every, resume=args.resume, seed=args.seed,
         log_with=log_with, push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id,
         num_workers=args.num_workers, channels_last=args.channels_last, max_nonfinite_steps=args.max_nonfinite_steps,
-        check_finite_every=args.check_finite_every, compile=args.compile,
+        check_finite_every=args.check_finite_every, compile=args.compile, cuda_graph=args.cuda_graph,
         cpu=args.cpu, overwrite=args.overwrite,
         max_time=None if args.max_time is None else parse_duration(args.max_time),
         **{k: v for k, v in preset.items() if k in TrainConfig.__dataclass_fields__},
@@ -353,6 +357,17 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--compile {cfg.compile!r} is not one of {', '.join(COMPILE_MODES)}")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"mixed precision {cfg.mixed_precision!r} is not one of no, fp16, bf16")
+    if cfg.cuda_graph and cfg.compile is not None:
+        raise ConfigError("--cuda-graph and --compile both capture the step; pass one of them (--compile "
+                          "reduce-overhead graphs only the model)")
+    if cfg.cuda_graph and cfg.gradient_accumulation_steps != 1:
+        raise ConfigError("--cuda-graph captures one whole optimiser step; it cannot be combined with "
+                          "--gradient-accumulation-steps")
+    if cfg.cuda_graph and cfg.mixed_precision == "fp16":
+        raise ConfigError("--cuda-graph does not support fp16 loss scaling; use --mixed-precision bf16 or no")
+    if cfg.cuda_graph and (cfg.cpu or not _cuda_available()):
+        raise ConfigError("--cuda-graph needs a CUDA GPU" + ("; it cannot be combined with --cpu" if cfg.cpu else
+                                                             ", and none is available here"))
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it: pass one of them")
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_dir():
@@ -363,6 +378,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("--data-cache needs the whole dataset; it cannot be combined with --streaming")
     if cfg.adversarial and cfg.mask == "none":
         raise ConfigError("the autoencoder baseline (--mask none) has no hole for the adversarial loss to judge")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _is_saved_dataset(path: str) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import AutocastKwargs, ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from .atomic import write_text_atomic
@@ -38,6 +38,7 @@ from .config import ConfigError, TrainConfig
 from .data import EpochSampler, ImageDataset, StreamingImageDataset, collate
 from .export import save_timm_encoder
 from .figure import save_sample_grid
+from .cuda_graph import GraphedStep, check_supported
 from .gpu_data import CachedCrops, open_cache
 from .host_memory import retain_freed_memory
 from .masks import ShapeBank
@@ -62,6 +63,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     accelerator = Accelerator(
         cpu=_use_cpu(cfg),
         mixed_precision=cfg.mixed_precision,
+        # a captured step must not reuse weight casts cached while capturing
+        kwargs_handlers=[AutocastKwargs(cache_enabled=False)] if cfg.cuda_graph else None,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=make_trackers(cfg.log_with, out / "logs") or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
@@ -174,6 +177,7 @@ def train_loop(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEnc
     sample_every = cfg.sample_every or cfg.checkpoint_every
     check_every = cfg.check_finite_every or cfg.log_every
     objective.monitor = NonFiniteMonitor(device, state.nonfinite)
+    step = GraphedStep(objective) if cfg.cuda_graph else objective.step
     scheduled = cfg.lr_schedule != "constant" or cfg.warmup_steps > 0  # else the rates stay as built
     schedule_steps = cfg.schedule_steps or cfg.max_steps
     batches = iter(loader)
@@ -194,7 +198,7 @@ def train_loop(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEnc
                 seed = step_seed(cfg.seed, state.step, micro, accelerator.process_index)
                 mask = objective.masks(len(images), seed, device)
                 torch.manual_seed(seed)  # dropout: the same draws in a resumed run
-                loss, logs = objective.step(images, mask)
+                loss, logs = step(images, mask)
                 images_seen += len(images) * accelerator.num_processes
             state.step += 1
             bar.update(1)
@@ -207,7 +211,7 @@ def train_loop(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEnc
                 last = dict(zip(names, values.tolist()))  # one sync for every logged scalar
                 ips = images_seen / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{ips:.1f}")
-                accelerator.log(last | {"images_per_s": ips, "lr": objective.opt_g.param_groups[0]["lr"],
+                accelerator.log(last | {"images_per_s": ips, "lr": objective.lr,
                                         "skipped_files": len(state.skipped)}, step=state.step)
             if checkpoint_due:
                 ensure_finite_weights(cfg, objective, state)
@@ -342,6 +346,8 @@ def run(cfg: TrainConfig, items, image_column: str | None, description: str,
 def _run(cfg: TrainConfig, items, image_column: str | None, description: str, resume_command: str | None,
          stop: StopRequest) -> dict:
     accelerator = make_accelerator(cfg)
+    if cfg.cuda_graph and (reason := check_supported(accelerator, cfg.gradient_accumulation_steps, cfg.compile)):
+        raise ConfigError(reason)
     accelerator.print(f"data: {description}")
     set_seed(cfg.seed)
     shapes = ShapeBank.from_folder(cfg.mask_shapes) if cfg.mask_shapes else None

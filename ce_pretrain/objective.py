@@ -65,13 +65,31 @@ class ContextEncoderObjective:
         self._disc_params = [p for p in self.disc_core.parameters()] if self.disc_core is not None else []
         self.monitor = NonFiniteMonitor(accelerator.device)
         # the rates the optimisers were built with: the schedule scales these, never the rate it last set
-        self._base_lrs = [(opt, [g["lr"] for g in opt.param_groups]) for opt in (opt_g, opt_d) if opt is not None]
+        self._base_lrs = [(opt, [float(g["lr"]) for g in opt.param_groups])
+                          for opt in (opt_g, opt_d) if opt is not None]
+        self.lr_factor = 1.0
+
+    @property
+    def optimizers(self) -> list:
+        """The run's (wrapped) optimisers: the context encoder's, then the discriminator's if any."""
+        return [opt for opt in (self.opt_g, self.opt_d) if opt is not None]
+
+    @property
+    def lr(self) -> float:
+        """The context encoder's current learning rate (a float, whatever the optimiser stores)."""
+        return self._base_lrs[0][1][0] * self.lr_factor
 
     def scale_lr(self, factor: float) -> None:
-        """Set every optimiser's rate to ``factor`` × its base rate (the discriminator's scaled alike)."""
+        """Set every optimiser's rate to ``factor`` × its base rate (the discriminator's scaled alike).
+
+        A rate stored as a tensor (a step captured in a CUDA graph reads it there) is overwritten in place."""
+        self.lr_factor = factor
         for opt, bases in self._base_lrs:
             for group, base in zip(opt.param_groups, bases):
-                group["lr"] = base * factor
+                if isinstance(group["lr"], torch.Tensor):
+                    group["lr"].fill_(base * factor)
+                else:
+                    group["lr"] = base * factor
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Every parameter, buffer and optimiser-state tensor of the run (what a checkpoint saves)."""

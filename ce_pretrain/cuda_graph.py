@@ -1,0 +1,116 @@
+"""The whole training step captured once as a CUDA graph and replayed (``--cuda-graph``).
+
+Issue 11 measured the GPU step as bound by the host: on an H100 the inpainting step took 13 ms at batch 64 and 14 ms
+at batch 256, so nearly all of it was Python and kernel launches. A CUDA graph records every kernel of one step —
+masks' loss weights, forward, losses, backward, the non-finite check, both optimisers — and replays them with one
+launch, so the host cost no longer grows with the number of kernels. This is PyTorch's "whole network capture"
+(``torch.cuda.graph``): the step must have static shapes and addresses and never wait for the host, which
+:meth:`ContextEncoderObjective.step <ce_pretrain.objective.ContextEncoderObjective.step>` already guarantees (fused
+Adam skips a non-finite step on the device; nothing calls ``.item()``).
+
+What the capture needs, and where it is arranged:
+
+* a few eager steps first, on a side stream (cuDNN picks its kernels, the optimisers create their state, the
+  allocator warms up): :class:`GraphedStep`, ``warmup_steps``;
+* optimisers that may be captured, with learning rates held in device tensors so that the schedule, which
+  rewrites them in place between replays, reaches the graph: :func:`make_capturable` at capture time (after a
+  resume restored the optimisers, whose state tensors the graph then reads);
+* autocast without its weight-cast cache (cast copies made during capture would be reused stale):
+  ``AutocastKwargs(cache_enabled=False)`` in :func:`ce_pretrain.engine.make_accelerator`;
+* one process, no gradient accumulation, no fp16 loss scaling: refused by :func:`check_supported`.
+
+Dropout stays random: the default CUDA generator is captured with its seed and offset read at each replay, so
+seeding it before a replay (the engine does, every step) works as it does eagerly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["GraphedStep", "check_supported", "make_capturable"]
+
+
+def check_supported(accelerator, gradient_accumulation_steps: int, compile_mode: str | None) -> str | None:
+    """Why a run cannot capture its step (one line), or ``None`` when it can."""
+    if accelerator.device.type != "cuda":
+        return f"--cuda-graph needs a CUDA GPU; this run is on {accelerator.device.type}"
+    if accelerator.num_processes > 1:
+        return (f"--cuda-graph captures one process's step; this run has {accelerator.num_processes} processes "
+                "(drop --cuda-graph, or run on one GPU)")
+    if gradient_accumulation_steps != 1:
+        return "--cuda-graph captures one whole optimiser step; it cannot be combined with --gradient-accumulation-steps"
+    if accelerator.scaler is not None:
+        return "--cuda-graph does not support fp16 loss scaling; use --mixed-precision bf16 or no"
+    if compile_mode is not None:
+        return "--cuda-graph and --compile both capture the step; pass one of them (--compile reduce-overhead graphs " \
+               "only the model)"
+    return None
+
+
+def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device | str) -> None:
+    """Let ``optimizer`` (plain or accelerate-wrapped Adam) run inside a CUDA graph: ``capturable`` on, every
+    group's learning rate a 0-dim float32 tensor on ``device`` (rewritten in place by
+    :meth:`~ce_pretrain.objective.ContextEncoderObjective.scale_lr`). Its results are those of the float rate."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for group in inner.param_groups:
+        group["capturable"] = True
+        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+    for state in inner.state.values():  # capturable Adam keeps its step count beside the parameters
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].to(device=device, dtype=torch.float32)
+
+
+class GraphedStep:
+    """``objective.step`` run eagerly ``warmup_steps`` times, then captured once and replayed.
+
+    Each call copies its images and masks into the graph's static inputs and replays; it returns the graph's
+    static ``(loss, logs)`` tensors, which the next call overwrites (read them before, as the engine does).
+
+    Args:
+        objective: the run's :class:`~ce_pretrain.objective.ContextEncoderObjective`, on a CUDA device.
+        warmup_steps: eager steps before the capture (real training steps, on a side stream).
+    """
+
+    def __init__(self, objective, warmup_steps: int = 3):
+        self.objective, self.warmup_steps = objective, warmup_steps
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.steps = 0
+        self._inputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._outputs = None
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def __call__(self, images: torch.Tensor, mask: torch.Tensor):
+        self.steps += 1
+        if self.graph is not None:
+            if images.shape != self._inputs[0].shape or mask.shape != self._inputs[1].shape:
+                raise ValueError(f"a CUDA graph replays one shape: captured images {list(self._inputs[0].shape)}, "
+                                 f"now {list(images.shape)} (use a sampler that drops the last partial batch)")
+            self._inputs[0].copy_(images, non_blocking=True)
+            self._inputs[1].copy_(mask, non_blocking=True)
+            self.graph.replay()
+            return self._outputs
+        if self.steps <= self.warmup_steps:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.objective.step(images, mask)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        return self._capture(images, mask)
+
+    def _capture(self, images: torch.Tensor, mask: torch.Tensor):
+        device = images.device
+        for opt in self.objective.optimizers:
+            make_capturable(opt, device)
+        self.objective.scale_lr(self.objective.lr_factor)  # the rates as the schedule last set them
+        self._inputs = (images.clone(), mask.clone())  # clone keeps the memory format (channels-last)
+        graph = torch.cuda.CUDAGraph()
+        # thread-local: the loader's pin-memory thread may call the CUDA API while this thread captures
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self._outputs = self.objective.step(*self._inputs)
+        self.graph = graph
+        graph.replay()  # capturing recorded the step without running it
+        return self._outputs
