@@ -89,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rescale", action="store_true", help="Krähenbühl rescaling before every ImageFolder transfer")
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even if a GPU is present")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="on a GPU; default: the budget's")
+    p.add_argument("--pretrain-jobs", type=int, default=1, metavar="N",
+                   help="pretraining runs at once, before the transfer cells: small runs leave a GPU mostly idle, "
+                        "so several rows and seeds can share it (on a CPU they share its cores)")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--cpu-threads", type=int,
                    help="torch threads here and in the pretraining processes (on a loaded, shared CPU 1 can be "
@@ -100,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         budget = BUDGETS[args.budget]
+        if args.pretrain_jobs < 1:
+            raise StudyError(f"--pretrain-jobs must be at least 1, got {args.pretrain_jobs}")
         if args.milestones:
             if any(m < 1 for m in args.milestones):
                 raise StudyError("--milestones must be at least 1")

@@ -164,3 +164,21 @@ def test_an_ablation_row_pretrains_with_its_flags(table2, classes, tmp_path):
     summary = json.loads((run_dir / "seed0" / "train_summary.json").read_text())
     assert summary["config"]["augment"] == "rrc+jitter" and summary["config"]["schedule_steps"] == 2
     assert summary["resumed_from_step"] == 1 and "| abl | " in (out / "table2.md").read_text()
+
+
+def test_pretraining_runs_side_by_side_with_pretrain_jobs(table2, classes, tmp_path, capsys):
+    """Two rows pretrain at once (both start before either ends), then every cell is filled from their snapshots."""
+    out = tmp_path / "study"
+    assert table2.main(["--budget", "smoke", "--data", str(classes), "--output-dir", str(out), "--rows", "ce-region",
+                        "autoencoder", "--columns", "knn", "--milestones", "1", "--num-workers", "0", "--cpu",
+                        "--cpu-threads", "1", "--pretrain-jobs", "2"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(("pretraining ", "pretrained "))]
+    assert [ln.split()[0] for ln in lines] == ["pretraining", "pretraining", "pretrained", "pretrained"], lines
+    batch = BUDGETS["smoke"].batch_size
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert set(cells) == {f"ce-region/seed0/images{batch}/knn", f"autoencoder/seed0/images{batch}/knn"}
+
+
+def test_pretrain_jobs_must_be_positive(table2, classes, tmp_path, capsys):
+    assert table2.main(["--data", str(classes), "--output-dir", str(tmp_path / "o"), "--pretrain-jobs", "0"]) == 2
+    assert "--pretrain-jobs must be at least 1" in capsys.readouterr().err

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +76,11 @@ def row_id(row: str, flags: list[str] | None, budget: Budget) -> str:
     return f"{row}@{hashlib.blake2b(text.encode(), digest_size=4).hexdigest()}"
 
 
+def snapshot_path(row: str, flags: list[str], budget: Budget, seed: int, steps: int, out: Path) -> Path:
+    """Where the encoder of ``row`` after ``steps`` pretraining steps is kept."""
+    return out / "pretrain" / row_id(row, flags, budget) / f"seed{seed}" / f"encoder-step{steps}"
+
+
 def pretrain(row: str, flags: list[str], budget: Budget, seed: int, steps: int, args: argparse.Namespace,
              out: Path, data: Path) -> Path:
     """The encoder of ``row`` after ``steps`` pretraining steps (``python -m ce_pretrain.train``, resumed).
@@ -82,8 +88,8 @@ def pretrain(row: str, flags: list[str], budget: Budget, seed: int, steps: int, 
     The run is extended milestone by milestone (``--resume`` with a larger ``--max-steps``); its learning-rate
     schedule spans the last milestone (``--schedule-steps``), so each stage continues the same schedule.
     """
-    run_dir = out / "pretrain" / row_id(row, flags, budget) / f"seed{seed}"
-    snap = run_dir / f"encoder-step{steps}"
+    snap = snapshot_path(row, flags, budget, seed, steps, out)
+    run_dir = snap.parent
     if (snap / "model.safetensors").is_file():
         return snap
     cmd = [sys.executable, "-m", "ce_pretrain.train", "--preset", "features", "--backbone", budget.backbone,
@@ -215,26 +221,64 @@ def load_cells(out: Path) -> dict[str, dict]:
         return {}
 
 
-def run_study(study: Study, args: argparse.Namespace, data: Path, log=print) -> None:
-    """Fill every missing cell, saving ``results.json`` after each."""
+def _missing(study: Study, row: str, flags: list[str] | None, seed: int, steps: int) -> list[str]:
+    """The columns of (row, seed, ``steps`` pretraining steps) not yet in ``results.json``."""
+    images = steps * row_batch_size(flags, study.budget)
+    rid = row_id(row, flags, study.budget)
+    return [c for c in study.columns if cell_key(rid, seed, images, c) not in study.cells
+            and (c in ("linear", "knn") or steps in (0, study.budget.milestones[-1]))]  # fine-tune, VOC: final
+
+
+def pretrain_all(study: Study, args: argparse.Namespace, data: Path, jobs: int, log=print) -> None:
+    """Every pretraining snapshot a missing cell needs, with up to ``jobs`` pretraining processes at a time.
+
+    Small runs leave a GPU mostly idle, so several rows (and seeds) pretrain side by side; each (row, seed) still
+    goes through its milestones in order, resuming its own run. A failed run does not stop the others; the first
+    failure is raised once all have ended.
+    """
     budget = study.budget
-    last = budget.milestones[-1]
+    plans = [(row, flags, seed, steps) for seed in study.seeds for row, flags in study.rows.items()
+             if flags is not None
+             and (steps := [s for s in budget.milestones if _missing(study, row, flags, seed, s)])]
+
+    def work(row: str, flags: list[str], seed: int, steps: list[int]) -> None:
+        log(f"pretraining {row} seed {seed} to step {steps[-1]}")
+        for s in steps:
+            started = time.time()
+            pretrain(row, flags, budget, seed, s, args, study.out, data / "train")
+            log(f"pretrained {row} seed {seed} to {s * row_batch_size(flags, budget)} images "
+                f"({time.time() - started:.0f} s)")
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait for the training processes
+        futures = [pool.submit(work, *plan) for plan in plans]
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        raise errors[0]
+
+
+def run_study(study: Study, args: argparse.Namespace, data: Path, log=print) -> None:
+    """Fill every missing cell, saving ``results.json`` after each; with ``args.pretrain_jobs`` > 1 every
+    pretraining runs first, that many at a time (:func:`pretrain_all`)."""
+    budget = study.budget
+    if getattr(args, "pretrain_jobs", 1) > 1:
+        pretrain_all(study, args, data, args.pretrain_jobs, log)
     for seed in study.seeds:
         for row, flags in study.rows.items():
             points = [0] if flags is None else list(budget.milestones)
             rid = row_id(row, flags, budget)
             for steps in points:
                 images = steps * row_batch_size(flags, budget)
-                todo = [c for c in study.columns if cell_key(rid, seed, images, c) not in study.cells
-                        and (c in ("linear", "knn") or steps in (0, last))]  # fine-tune and VOC: final weights
+                todo = _missing(study, row, flags, seed, steps)
                 if not todo:
                     continue
                 if flags is None:
                     source = initialisation(row, budget, seed, study.out / "pretrain" / row / f"seed{seed}" / "init")
                 else:
                     started = time.time()
+                    done = (snapshot_path(row, flags, budget, seed, steps, study.out) / "model.safetensors").is_file()
                     source = pretrain(row, flags, budget, seed, steps, args, study.out, data / "train")
-                    log(f"pretrained {row} seed {seed} to {images} images ({time.time() - started:.0f} s)")
+                    if not done:
+                        log(f"pretrained {row} seed {seed} to {images} images ({time.time() - started:.0f} s)")
                 for column in todo:
                     key = cell_key(rid, seed, images, column)
                     cell_dir = study.out / "cells" / key.replace("/", "_")
