@@ -13,8 +13,9 @@ What the capture needs, and where it is arranged:
 * a few eager steps first, on a side stream (cuDNN picks its kernels, the optimisers create their state, the
   allocator warms up): :class:`GraphedStep`, ``warmup_steps``;
 * optimisers that may be captured, with learning rates held in device tensors so that the schedule, which
-  rewrites them in place between replays, reaches the graph: :func:`make_capturable` at capture time (after a
-  resume restored the optimisers, whose state tensors the graph then reads);
+  rewrites them in place between replays, reaches the graph: :func:`make_capturable` when the :class:`GraphedStep`
+  is made, after a resume restored the optimisers (whose state tensors the graph then reads); an eager run resumed
+  from such a checkpoint turns the rates back to floats (:func:`plain_rates`);
 * autocast without its weight-cast cache (cast copies made during capture would be reused stale):
   ``AutocastKwargs(cache_enabled=False)`` in :func:`ce_pretrain.engine.make_accelerator`;
 * one process, no gradient accumulation, no fp16 loss scaling: refused by :func:`check_supported`.
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["GraphedStep", "check_supported", "make_capturable"]
+__all__ = ["GraphedStep", "check_supported", "make_capturable", "plain_rates"]
 
 
 def check_supported(accelerator, gradient_accumulation_steps: int, compile_mode: str | None) -> str | None:
@@ -60,6 +61,15 @@ def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device | str
             state["step"] = state["step"].to(device=device, dtype=torch.float32)
 
 
+def plain_rates(optimizer: torch.optim.Optimizer) -> None:
+    """Learning rates back to floats: an eager run resumed from a ``--cuda-graph`` checkpoint (whose optimiser state
+    holds them as tensors, loaded onto the CPU) must not hand a CPU tensor to a GPU optimiser."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for group in inner.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"] = float(group["lr"])
+
+
 class GraphedStep:
     """``objective.step`` run eagerly ``warmup_steps`` times, then captured once and replayed.
 
@@ -77,6 +87,11 @@ class GraphedStep:
         self.steps = 0
         self._inputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self._outputs = None
+        # capturable from the first (eager) step on: the capture then records the optimisers exactly as they ran,
+        # and rates restored from a checkpoint (tensors on the CPU) move to the device
+        for opt in objective.optimizers:
+            make_capturable(opt, objective.accelerator.device)
+        objective.scale_lr(objective.lr_factor)
 
     @property
     def captured(self) -> bool:
@@ -102,10 +117,6 @@ class GraphedStep:
         return self._capture(images, mask)
 
     def _capture(self, images: torch.Tensor, mask: torch.Tensor):
-        device = images.device
-        for opt in self.objective.optimizers:
-            make_capturable(opt, device)
-        self.objective.scale_lr(self.objective.lr_factor)  # the rates as the schedule last set them
         self._inputs = (images.clone(), mask.clone())  # clone keeps the memory format (channels-last)
         graph = torch.cuda.CUDAGraph()
         # thread-local: the loader's pin-memory thread may call the CUDA API while this thread captures

@@ -38,7 +38,7 @@ from .config import ConfigError, TrainConfig
 from .data import EpochSampler, ImageDataset, StreamingImageDataset, collate
 from .export import save_timm_encoder
 from .figure import save_sample_grid
-from .cuda_graph import GraphedStep, check_supported
+from .cuda_graph import GraphedStep, check_supported, plain_rates
 from .gpu_data import CachedCrops, open_cache
 from .host_memory import retain_freed_memory
 from .masks import ShapeBank
@@ -354,6 +354,9 @@ def _run(cfg: TrainConfig, items, image_column: str | None, description: str, re
     objective = ContextEncoderObjective.build(cfg, accelerator, shapes)
     state = TrainState()  # saved as JSON in run.json, not registered with accelerate (that would be a pickle)
     resume(accelerator, cfg, state)
+    if not cfg.cuda_graph:  # a --cuda-graph checkpoint stores its rates as tensors
+        for opt in objective.optimizers:
+            plain_rates(opt)
     start_step = state.step
     loader = make_loader(cfg, items, image_column, accelerator, start_step)
     if accelerator.is_main_process:

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 
 from ce_pretrain.config import ConfigError, TrainConfig, validate
-from ce_pretrain.cuda_graph import GraphedStep, check_supported, make_capturable
+from ce_pretrain.cuda_graph import GraphedStep, check_supported, make_capturable, plain_rates
 from ce_pretrain.train import main
 from tests.test_objective import BATCH, SIZE, changed, snapshot, step, tiny_objective
 
@@ -59,6 +59,28 @@ def test_the_rate_tensor_survives_a_schedule_written_in_place():
     obj.scale_lr(0.25)
     assert obj.opt_g.param_groups[0]["lr"] is lr  # the tensor a captured graph reads, not a new one
     assert lr.item() == pytest.approx(2.5e-4)
+
+
+def test_a_graph_runs_checkpoint_resumes_eagerly_with_float_rates(tmp_path):
+    """Optimiser state saved with tensor rates (a --cuda-graph run) loads into an eager run as floats, and that run
+    trains exactly like one that never saw tensors."""
+    graph_run = tiny_objective(adversarial=True)
+    for opt in graph_run.optimizers:
+        make_capturable(opt, "cpu")
+    step(graph_run)
+    graph_run.accelerator.save_state(str(tmp_path / "ckpt"))
+    eager, reference = tiny_objective(adversarial=True), tiny_objective(adversarial=True)
+    step(reference)
+    eager.accelerator.load_state(str(tmp_path / "ckpt"))
+    assert isinstance(eager.opt_g.param_groups[0]["lr"], torch.Tensor)  # as loaded
+    for opt in eager.optimizers:
+        plain_rates(opt)
+    assert [type(g["lr"]) for o in eager.optimizers for g in o.param_groups] == [float, float]
+    for obj in (eager, reference):
+        obj.scale_lr(0.5)
+        step(obj)
+    a, b = _weights(reference), _weights(eager)
+    assert not [k for k in a if not torch.allclose(a[k], b[k].to(a[k].dtype), rtol=1e-6, atol=1e-7)]
 
 
 @pytest.mark.parametrize("change, message", [
