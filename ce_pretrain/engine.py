@@ -35,10 +35,10 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import ConfigError, TrainConfig
+from .cuda_graph import GraphedStep, check_supported, plain_rates
 from .data import EpochSampler, ImageDataset, StreamingImageDataset, collate
 from .export import save_timm_encoder
 from .figure import save_sample_grid
-from .cuda_graph import GraphedStep, check_supported, plain_rates
 from .gpu_data import CachedCrops, open_cache
 from .host_memory import retain_freed_memory
 from .masks import ShapeBank
