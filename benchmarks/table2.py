@@ -92,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrain-jobs", type=int, default=1, metavar="N",
                    help="pretraining runs at once, before the transfer cells: small runs leave a GPU mostly idle, "
                         "so several rows and seeds can share it (on a CPU they share its cores)")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="write the budget's data split (OUTPUT_DIR/data, links to --data) and exit: `tar -chf` of "
+                        "that folder is the study's whole image set, to ship to a GPU machine")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--cpu-threads", type=int,
                    help="torch threads here and in the pretraining processes (on a loaded, shared CPU 1 can be "
@@ -119,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     except StudyError as err:
         print(f"table2.py: error: {err}", file=sys.stderr)
         return 2
+    if args.prepare_only:
+        print(f"{out / 'data'}: {manifest['train_images']} train / {manifest['val_images']} val images of "
+              f"{len(manifest['classes'])} classes, {manifest['megabytes']} MB (links into {manifest['source']})")
+        return 0
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
         os.environ["OMP_NUM_THREADS"] = str(args.cpu_threads)  # inherited by the pretraining processes

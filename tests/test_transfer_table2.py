@@ -41,6 +41,28 @@ def test_data_split_is_fixed_stratified_and_disjoint(classes, tmp_path):
     assert again == manifest and {(p.parent.name, p.name) for p in (tmp_path / "d2" / "val").rglob("*.*")} == val
 
 
+def test_a_split_shipped_as_files_keeps_its_split(classes, tmp_path):
+    """The data folder of one study, copied with its images (as `tar -ch` ships it), is the same split in another;
+    a study cannot take its own split as --data (preparing it would delete it)."""
+    import shutil
+
+    budget = BUDGETS["smoke"]
+    manifest = prepare_data(classes, tmp_path / "d", budget)
+    shipped = tmp_path / "shipped"
+    shutil.copytree(tmp_path / "d", shipped)  # follows the links: real files, as after `tar -chf` and `tar -xf`
+    again = prepare_data(shipped, tmp_path / "elsewhere" / "data", budget)
+
+    def split(root):
+        return {(p.parent.parent.name, p.parent.name, p.name) for p in root.rglob("*.*") if p.name != "manifest.json"}
+
+    assert split(tmp_path / "elsewhere" / "data") == split(tmp_path / "d")
+    assert {k: again[k] for k in ("train_images", "val_images", "classes")} == \
+        {k: manifest[k] for k in ("train_images", "val_images", "classes")}
+    with pytest.raises(StudyError, match="own split"):
+        prepare_data(tmp_path / "d", tmp_path / "d", budget)
+    assert split(tmp_path / "d")  # still there
+
+
 def test_rows_overrides_and_added_rows(table2):
     args = table2.parse_args(["--add-row", 'ce-l1=--mask random-region --loss l1', "--pretrain-override",
                               "ce-center=--lr 1e-4", "--rows", "ce-center", "ce-l1", "random-timm"])
@@ -182,3 +204,12 @@ def test_pretraining_runs_side_by_side_with_pretrain_jobs(table2, classes, tmp_p
 def test_pretrain_jobs_must_be_positive(table2, classes, tmp_path, capsys):
     assert table2.main(["--data", str(classes), "--output-dir", str(tmp_path / "o"), "--pretrain-jobs", "0"]) == 2
     assert "--pretrain-jobs must be at least 1" in capsys.readouterr().err
+
+
+def test_prepare_only_writes_the_split_and_nothing_else(table2, classes, tmp_path, capsys):
+    out = tmp_path / "study"
+    assert table2.main(["--budget", "smoke", "--data", str(classes), "--output-dir", str(out), "--prepare-only"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["data"]
+    val = BUDGETS["smoke"].val_per_class
+    assert all(len(list((out / "data" / "val" / c).iterdir())) == val for c in ("cat", "dog", "owl"))
+    assert f"{3 * val} val images of 3 classes" in capsys.readouterr().out

@@ -104,22 +104,38 @@ def prepare_data(source: Path, out: Path, budget: Budget) -> dict:
     """Link a fixed, class-stratified split of ``source/<class>/*`` into ``out/train`` and ``out/val``.
 
     The split does not depend on ``--seeds`` (every seed sees the same images); pretraining reads ``out/train``
-    only, so the validation images are new to every row.
+    only, so the validation images are new to every row. A ``source`` that is already split (``train/<class>`` and
+    ``val/<class>``, e.g. the ``data`` folder of another study) keeps its split, within the budget's numbers.
     """
     if not source.is_dir():
         raise StudyError(f"--data {str(source)!r} does not exist")
-    classes = sorted(d for d in source.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if out.resolve() == source.resolve() or out.resolve() in source.resolve().parents:
+        raise StudyError(f"--data {str(source)!r} is this study's own split; pass the folder it was made from, or "
+                         "another --output-dir")
+    presplit = (source / "train").is_dir() and (source / "val").is_dir()  # e.g. an unpacked --prepare-only split
+    root = source / "train" if presplit else source
+    classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if len(classes) < 2:
-        raise StudyError(f"--data {str(source)!r} needs one sub-folder of images per class (at least two)")
+        raise StudyError(f"--data {str(root)!r} needs one sub-folder of images per class (at least two)")
+
+    def images(folder: Path) -> list[Path]:
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        random.Random(0).shuffle(files)
+        return files
+
     picked: dict[str, tuple[list[Path], list[Path]]] = {}
     for c in classes:
-        files = sorted(p for p in c.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        random.Random(0).shuffle(files)
-        val = files[:budget.val_per_class]
-        train = files[budget.val_per_class:][:budget.train_per_class]
+        if presplit:
+            val = images(source / "val" / c.name)[:budget.val_per_class]
+            train = images(c)[:budget.train_per_class]
+        else:
+            files = images(c)
+            val = files[:budget.val_per_class]
+            train = files[budget.val_per_class:][:budget.train_per_class]
         if len(val) < 1 or len(train) < 2:
-            raise StudyError(f"class folder {str(c)!r} has {len(files)} images; the budget needs at least "
-                             f"{budget.val_per_class + 2}")
+            raise StudyError(f"class {c.name!r} of {str(source)!r} has {len(train)} training and {len(val)} test "
+                             f"images to use; the study needs at least 2 and 1 ({budget.val_per_class} test images "
+                             "per class are held out first)")
         picked[c.name] = (train, val)
     size = sum(p.stat().st_size for t, v in picked.values() for p in t + v)
     if budget.max_megabytes and size > budget.max_megabytes * 2**20:  # drop training images evenly to fit
