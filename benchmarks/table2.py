@@ -92,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrain-jobs", type=int, default=1, metavar="N",
                    help="pretraining runs at once, before the transfer cells: small runs leave a GPU mostly idle, "
                         "so several rows and seeds can share it (on a CPU they share its cores)")
+    p.add_argument("--data-cache", choices=["auto", "on", "off"], default="auto",
+                   help="pretrain from training images decoded once (train.py --data-cache; crops and flips on the "
+                        "device); auto: on a GPU, where a few JPEG-decoding loader processes would bound the step")
     p.add_argument("--prepare-only", action="store_true",
                    help="write the budget's data split (OUTPUT_DIR/data, links to --data) and exit: `tar -chf` of "
                         "that folder is the study's whole image set, to ship to a GPU machine")

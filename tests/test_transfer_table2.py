@@ -213,3 +213,22 @@ def test_prepare_only_writes_the_split_and_nothing_else(table2, classes, tmp_pat
     val = BUDGETS["smoke"].val_per_class
     assert all(len(list((out / "data" / "val" / c).iterdir())) == val for c in ("cat", "dog", "owl"))
     assert f"{3 * val} val images of 3 classes" in capsys.readouterr().out
+
+
+def test_pretraining_reads_one_decoded_cache_with_data_cache_on(table2, classes, tmp_path):
+    """The study decodes the images once; train.py accepts that cache (a mismatch would rebuild it: a new file)."""
+    out = tmp_path / "study"
+
+    def study(*milestones):
+        return table2.main(["--budget", "smoke", "--data", str(classes), "--output-dir", str(out), "--rows",
+                            "ce-region", "--columns", "knn", "--milestones", *milestones, "--num-workers", "0",
+                            "--cpu", "--cpu-threads", "1", "--data-cache", "on"])
+
+    assert study("1") == 0
+    cache = out / "data" / f"cache-{BUDGETS['smoke'].image_size}px.npy"
+    summary = json.loads((out / "pretrain" / "ce-region" / "seed0" / "train_summary.json").read_text())
+    assert summary["config"]["data_cache"] == str(cache)
+    built = cache.stat().st_mtime_ns, cache.stat().st_ino
+    assert study("1", "2") == 0  # the study checks the cache again, and train.py resumes from it
+    assert (cache.stat().st_mtime_ns, cache.stat().st_ino) == built
+    assert len(json.loads((out / "results.json").read_text())["cells"]) == 2

@@ -87,17 +87,27 @@ class StudyError(ValueError):
     """Bad flags or data, reported as one line."""
 
 
+def _row_int(flags: list[str] | None, name: str, default: int) -> int:
+    """A row's own value of the integer flag ``name`` (the last one wins), else ``default``."""
+    value = default
+    for flag, nxt in zip(flags or [], (flags or [])[1:]):
+        if flag == name:
+            value = int(nxt)
+    for flag in flags or []:
+        if flag.startswith(f"{name}="):
+            value = int(flag.split("=", 1)[1])
+    return value
+
+
 def row_batch_size(flags: list[str] | None, budget: Budget) -> int:
     """Pretraining images per step of a row: its own ``--batch-size`` override (the last one wins), else the
     budget's."""
-    batch = budget.batch_size
-    for flag, value in zip(flags or [], (flags or [])[1:]):
-        if flag == "--batch-size":
-            batch = int(value)
-    for flag in flags or []:
-        if flag.startswith("--batch-size="):
-            batch = int(flag.split("=", 1)[1])
-    return batch
+    return _row_int(flags, "--batch-size", budget.batch_size)
+
+
+def row_image_size(flags: list[str] | None, budget: Budget) -> int:
+    """The side of a row's pretraining images: its own ``--image-size`` override, else the budget's."""
+    return _row_int(flags, "--image-size", budget.image_size)
 
 
 def prepare_data(source: Path, out: Path, budget: Budget) -> dict:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ce_pretrain.atomic import write_text_atomic
-from transfer.study.budgets import IMAGEFOLDER, METRIC, ROWS, Budget, StudyError, row_batch_size
+from transfer.study.budgets import IMAGEFOLDER, METRIC, ROWS, Budget, StudyError, row_batch_size, row_image_size
 
 
 def _save_timm_folder(model: torch.nn.Module, backbone: str, image_size: int, dst: Path, note: str) -> None:
@@ -76,6 +76,32 @@ def row_id(row: str, flags: list[str] | None, budget: Budget) -> str:
     return f"{row}@{hashlib.blake2b(text.encode(), digest_size=4).hexdigest()}"
 
 
+def uses_data_cache(args: argparse.Namespace) -> bool:
+    """Whether pretraining reads the decoded cache (``--data-cache``): ``on``, or ``auto`` on a GPU, where JPEG
+    decoding in a few loader processes would otherwise bound the step."""
+    mode = getattr(args, "data_cache", "off")
+    return mode == "on" or (mode == "auto" and not args.cpu and torch.cuda.is_available())
+
+
+def cache_path(out: Path, image_size: int) -> Path:
+    """The decoded training images for pretraining at ``image_size`` (inside the split, so a new split drops it)."""
+    return out / "data" / f"cache-{image_size}px.npy"
+
+
+def build_caches(study: Study, args: argparse.Namespace, data: Path) -> None:
+    """Decode the training images once per pretraining size, before any pretraining process starts (several
+    starting together would each decode them)."""
+    from ce_pretrain.data import ImageDataset
+    from ce_pretrain.gpu_data import open_cache
+    from ce_pretrain.sources import open_source
+
+    sizes = {row_image_size(flags, study.budget) for flags in study.rows.values() if flags is not None}
+    for size in sorted(sizes):
+        items, column, _ = open_source(str(data / "train"))
+        open_cache(ImageDataset(items, size, image_column=column), cache_path(study.out, size),
+                   num_workers=args.num_workers)
+
+
 def snapshot_path(row: str, flags: list[str], budget: Budget, seed: int, steps: int, out: Path) -> Path:
     """Where the encoder of ``row`` after ``steps`` pretraining steps is kept."""
     return out / "pretrain" / row_id(row, flags, budget) / f"seed{seed}" / f"encoder-step{steps}"
@@ -97,7 +123,9 @@ def pretrain(row: str, flags: list[str], budget: Budget, seed: int, steps: int, 
            "--data", str(data), "--seed", str(seed), "--output-dir", str(run_dir), "--num-workers",
            str(args.num_workers), "--checkpoint-every", str(max(100, steps // 4)), "--keep-checkpoints", "1",
            "--sample-every", str(10**9), "--log-every", str(max(1, min(50, steps))),
-           "--schedule-steps", str(budget.milestones[-1]), *flags]
+           "--schedule-steps", str(budget.milestones[-1]),
+           *(["--data-cache", str(cache_path(out, row_image_size(flags, budget)))] if uses_data_cache(args) else []),
+           *flags]
     if args.cpu:
         cmd.append("--cpu")
     elif torch.cuda.is_available():
@@ -260,6 +288,8 @@ def run_study(study: Study, args: argparse.Namespace, data: Path, log=print) -> 
     """Fill every missing cell, saving ``results.json`` after each; with ``args.pretrain_jobs`` > 1 every
     pretraining runs first, that many at a time (:func:`pretrain_all`)."""
     budget = study.budget
+    if uses_data_cache(args) and any(flags is not None for flags in study.rows.values()):
+        build_caches(study, args, data)
     if getattr(args, "pretrain_jobs", 1) > 1:
         pretrain_all(study, args, data, args.pretrain_jobs, log)
     for seed in study.seeds:
