@@ -216,6 +216,8 @@ def test_create_model_is_strict(ce_dir):
 def test_random_encoder_is_seeded():
     a, b = load_encoder("random:resnet18", 64), load_encoder("random:resnet18", 64)
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    c = load_encoder("random:resnet18", 64, seed=1)  # another seed, another initialisation
+    assert not torch.equal(a.state_dict["conv1.weight"], c.state_dict["conv1.weight"])
 
 
 # ------------------------------------------------------------------------------------------------ features

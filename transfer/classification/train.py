@@ -135,7 +135,7 @@ def run(cfg: ClassificationConfig) -> dict:
     cli.check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
     set_seed(cfg.seed)
     train_ids, test_ids = _splits(cfg)
-    ckpt = load_encoder(cfg.model, cfg.image_size)
+    ckpt = load_encoder(cfg.model, cfg.image_size, cfg.seed)
     size = cfg.image_size or ckpt.image_size
     train_tf, test_tf = _transforms(ckpt, size)
     train_set = VOCClassification(cfg.data_root, cfg.year, ids=train_ids, transform=train_tf)

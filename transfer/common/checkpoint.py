@@ -109,7 +109,7 @@ def _from_timm_folder(path: Path, config: dict) -> EncoderCheckpoint:
 
 
 def random_encoder(backbone: str, image_size: int = 227, seed: int = 0) -> EncoderCheckpoint:
-    """The random-initialisation baseline: timm's own initialisation of ``backbone`` under a fixed seed."""
+    """The random-initialisation baseline: timm's own initialisation of ``backbone`` under ``seed``."""
     import ce_pretrain  # noqa: F401
     from ce_pretrain.model import UnknownBackboneError, resolve_backbone_name
 
@@ -123,19 +123,21 @@ def random_encoder(backbone: str, image_size: int = 227, seed: int = 0) -> Encod
     return EncoderCheckpoint(backbone=backbone, state_dict=state, image_size=image_size, source=f"random:{backbone}")
 
 
-def load_encoder(source: str | os.PathLike, image_size: int | None = None) -> EncoderCheckpoint:
+def load_encoder(source: str | os.PathLike, image_size: int | None = None, seed: int = 0) -> EncoderCheckpoint:
     """Load a pretrained encoder from a directory, a Hub id, or ``random:<timm name>``.
 
     Args:
         source: see the module docstring.
         image_size: input size for ``random:`` (default 227); ignored otherwise.
+        seed: the initialisation of ``random:`` (the entry points pass their ``--seed``, so seeds measure the
+            spread of random initialisations too); ignored otherwise.
 
     Raises:
         CheckpointError: one line saying what is missing or does not fit.
     """
     source = str(source)
     if source.startswith(RANDOM_PREFIX):
-        return random_encoder(source[len(RANDOM_PREFIX):], image_size or 227)
+        return random_encoder(source[len(RANDOM_PREFIX):], image_size or 227, seed)
     from ce_pretrain import ContextEncoder, IncompatibleCheckpointError
 
     path = Path(source)

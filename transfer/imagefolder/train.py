@@ -184,7 +184,7 @@ def _run(cfg: ImageFolderConfig, out: Path) -> dict:
     torch.manual_seed(cfg.seed)
     start = time.time()
     train, val, classes = _splits(cfg)  # before the encoder loads: bad folders fail in a second
-    ckpt = load_encoder(cfg.model, cfg.image_size)
+    ckpt = load_encoder(cfg.model, cfg.image_size, cfg.seed)
     size = cfg.image_size or ckpt.image_size
     device = _device(cfg)
     if cfg.mode == "finetune":

@@ -103,7 +103,7 @@ def run(cfg: DetectionConfig) -> dict:
     train_set.check_files()
     test_set.check_files()
     train_set.ids = [i for i in train_set.ids if len(train_set.annotation(i).labels)]
-    ckpt = load_encoder(cfg.model)
+    ckpt = load_encoder(cfg.model, seed=cfg.seed)
     model = build_faster_rcnn(ckpt, len(VOC_CLASSES) + 1, cfg.fpn, cfg.min_size, cfg.max_size,
                               rpn_post_nms_top_n_test=cfg.test_proposals)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -101,7 +101,7 @@ def run(cfg: SegmentationConfig) -> dict:
     else:
         train_ids = read_split(voc, "Segmentation", cfg.train_split)
         test_ids = read_split(voc, "Segmentation", cfg.test_split)
-    ckpt = load_encoder(cfg.model)
+    ckpt = load_encoder(cfg.model, seed=cfg.seed)
     crop = cfg.crop_size or ckpt.image_size
     train_set = VOCSegmentation(cfg.data_root, cfg.year, ids=train_ids, transform=_PairTransform(crop))
     test_set = VOCSegmentation(cfg.data_root, cfg.year, ids=test_ids, transform=_PairTransform(None))
