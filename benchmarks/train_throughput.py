@@ -126,47 +126,37 @@ def _count_flops(fn) -> int:
 
 
 def bench_ours(args: SimpleNamespace) -> dict:
-    from accelerate import Accelerator
-    from accelerate.utils import AutocastKwargs
-
     from ce_pretrain.config import PRESETS, TrainConfig
     from ce_pretrain.cuda_graph import GraphedStep
     from ce_pretrain.data import EpochSampler, ImageDataset, collate, list_images
+    from ce_pretrain.engine import make_accelerator
     from ce_pretrain.gpu_data import CachedCrops, open_cache
-    from ce_pretrain.host_memory import retain_freed_memory
     from ce_pretrain.objective import ContextEncoderObjective
     from ce_pretrain.sources import sample_images
 
     preset, backbone = args.config.split(":")
     values = {k: v for k, v in PRESETS[preset].items() if k in TrainConfig.__dataclass_fields__}
+    graphed = args.compile == "cuda-graph"
     values.update(preset=preset, backbone=backbone, mixed_precision="bf16" if args.precision == "bf16" else "no",
-                  channels_last=not args.nchw, batch_size=args.batch_size)
+                  channels_last=not args.nchw, batch_size=args.batch_size, cpu=args.device == "cpu",
+                  compile=None if graphed else args.compile, cuda_graph=graphed, log_with=[])  # writes no files
     if backbone not in ("alexnet", "alexnet_poolfree", "dcgan_encoder") and preset == "features":
         values["image_size"] = 224
     cfg = TrainConfig(**values)
-    torch.backends.cudnn.benchmark = True
-    handlers = [AutocastKwargs(cache_enabled=False)] if args.compile == "cuda-graph" else None  # as train.py
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=args.device == "cpu", kwargs_handlers=handlers)
-    if args.device == "cpu":
-        retain_freed_memory()  # as train.py does on the CPU (ce_pretrain.host_memory)
+    # train.py's accelerator: cuDNN autotuning, autocast without its cache under --cuda-graph, freed host memory
+    # kept on the CPU; then the model (compiled with --compile) and the step (captured with --cuda-graph)
+    accelerator = make_accelerator(cfg)
     runner = ContextEncoderObjective.build(cfg, accelerator)
-    if args.compile == "cuda-graph":
-        step = GraphedStep(runner)  # captured after its own 3 eager steps, inside the warm-up
-    elif args.compile:
-        step = runner.step
-        for module in (runner.model, runner.disc):
-            if module is not None:
-                module.compile(mode=None if args.compile == "default" else args.compile)
-    else:
-        step = runner.step
+    step = GraphedStep(runner) if graphed else runner.step
     device, b, s = accelerator.device, cfg.batch_size, cfg.image_size
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
     images = torch.rand(b, 3, s, s, device=device).contiguous(memory_format=memory)
     mask = runner.masks(b, 0, device)
 
     flops = _count_flops(lambda: runner.step(images, mask))
-    compute = _time(lambda: step(images, mask), args.steps, max(args.warmup, 4 if args.compile == "cuda-graph" else 0),
-                    args.device)
+    # a graphed step is timed after its eager warm-up steps and its capture
+    warmup = max(args.warmup, step.warmup_steps + 1) if graphed else args.warmup
+    compute = _time(lambda: step(images, mask), args.steps, warmup, args.device)
     seeds = iter(range(1, 10**9))
     masks = _time(lambda: runner.masks(b, next(seeds), device), args.steps, 1, args.device)
 

@@ -18,7 +18,8 @@ What the capture needs, and where it is arranged:
   from such a checkpoint turns the rates back to floats (:func:`plain_rates`);
 * autocast without its weight-cast cache (cast copies made during capture would be reused stale):
   ``AutocastKwargs(cache_enabled=False)`` in :func:`ce_pretrain.engine.make_accelerator`;
-* one process, no gradient accumulation, no fp16 loss scaling: refused by :func:`check_supported`.
+* one process, no gradient accumulation, no fp16 loss scaling: refused by :func:`ce_pretrain.config.validate`
+  and :func:`check_supported`.
 
 Dropout stays random: the default CUDA generator is captured with its seed and offset read at each replay, so
 seeding it before a replay (the engine does, every step) works as it does eagerly.
@@ -31,34 +32,27 @@ import torch
 __all__ = ["GraphedStep", "check_supported", "make_capturable", "plain_rates"]
 
 
-def check_supported(accelerator, gradient_accumulation_steps: int, compile_mode: str | None) -> str | None:
-    """Why a run cannot capture its step (one line), or ``None`` when it can."""
+def check_supported(accelerator) -> str | None:
+    """Why this run's accelerator cannot capture its step (one line), or ``None`` when it can. The flags that
+    cannot combine with ``--cuda-graph`` (``--compile``, gradient accumulation, fp16) are refused earlier, by
+    :func:`ce_pretrain.config.validate`; what only the launch decides is checked here."""
     if accelerator.device.type != "cuda":
         return f"--cuda-graph needs a CUDA GPU; this run is on {accelerator.device.type}"
     if accelerator.num_processes > 1:
         return (f"--cuda-graph captures one process's step; this run has {accelerator.num_processes} processes "
                 "(drop --cuda-graph, or run on one GPU)")
-    if gradient_accumulation_steps != 1:
-        return "--cuda-graph captures one whole optimiser step; it cannot be combined with --gradient-accumulation-steps"
-    if accelerator.scaler is not None:
-        return "--cuda-graph does not support fp16 loss scaling; use --mixed-precision bf16 or no"
-    if compile_mode is not None:
-        return "--cuda-graph and --compile both capture the step; pass one of them (--compile reduce-overhead graphs " \
-               "only the model)"
     return None
 
 
 def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device | str) -> None:
-    """Let ``optimizer`` (plain or accelerate-wrapped Adam) run inside a CUDA graph: ``capturable`` on, every
-    group's learning rate a 0-dim float32 tensor on ``device`` (rewritten in place by
-    :meth:`~ce_pretrain.objective.ContextEncoderObjective.scale_lr`). Its results are those of the float rate."""
+    """Let ``optimizer`` (the run's fused Adam, plain or accelerate-wrapped) run inside a CUDA graph: ``capturable``
+    on, every group's learning rate a 0-dim float32 tensor on ``device`` (rewritten in place by
+    :meth:`~ce_pretrain.objective.ContextEncoderObjective.scale_lr`). Its results are those of the float rate.
+    Fused Adam already keeps its step counts beside the parameters, also when loaded from a checkpoint."""
     inner = getattr(optimizer, "optimizer", optimizer)
     for group in inner.param_groups:
         group["capturable"] = True
         group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
-    for state in inner.state.values():  # capturable Adam keeps its step count beside the parameters
-        if isinstance(state.get("step"), torch.Tensor):
-            state["step"] = state["step"].to(device=device, dtype=torch.float32)
 
 
 def plain_rates(optimizer: torch.optim.Optimizer) -> None:

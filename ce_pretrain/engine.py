@@ -346,7 +346,7 @@ def run(cfg: TrainConfig, items, image_column: str | None, description: str,
 def _run(cfg: TrainConfig, items, image_column: str | None, description: str, resume_command: str | None,
          stop: StopRequest) -> dict:
     accelerator = make_accelerator(cfg)
-    if cfg.cuda_graph and (reason := check_supported(accelerator, cfg.gradient_accumulation_steps, cfg.compile)):
+    if cfg.cuda_graph and (reason := check_supported(accelerator)):
         raise ConfigError(reason)
     accelerator.print(f"data: {description}")
     set_seed(cfg.seed)

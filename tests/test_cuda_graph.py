@@ -95,7 +95,7 @@ def test_refused_combinations(change, message):
 
 
 def test_a_cpu_accelerator_cannot_capture():
-    reason = check_supported(Accelerator(cpu=True), 1, None)
+    reason = check_supported(Accelerator(cpu=True))
     assert reason is not None and "CUDA GPU" in reason and "cpu" in reason
 
 

@@ -79,8 +79,7 @@ def row_id(row: str, flags: list[str] | None, budget: Budget) -> str:
 def uses_data_cache(args: argparse.Namespace) -> bool:
     """Whether pretraining reads the decoded cache (``--data-cache``): ``on``, or ``auto`` on a GPU, where JPEG
     decoding in a few loader processes would otherwise bound the step."""
-    mode = getattr(args, "data_cache", "off")
-    return mode == "on" or (mode == "auto" and not args.cpu and torch.cuda.is_available())
+    return args.data_cache == "on" or (args.data_cache == "auto" and not args.cpu and torch.cuda.is_available())
 
 
 def cache_path(out: Path, image_size: int) -> Path:
@@ -88,16 +87,15 @@ def cache_path(out: Path, image_size: int) -> Path:
     return out / "data" / f"cache-{image_size}px.npy"
 
 
-def build_caches(study: Study, args: argparse.Namespace, data: Path) -> None:
-    """Decode the training images once per pretraining size, before any pretraining process starts (several
-    starting together would each decode them)."""
+def build_caches(study: Study, args: argparse.Namespace, data: Path, rows: list[list[str]]) -> None:
+    """Decode the training images once per image size of the pretraining ``rows`` (their flags), before any
+    pretraining process starts (several starting together would each decode them)."""
     from ce_pretrain.data import ImageDataset
     from ce_pretrain.gpu_data import open_cache
     from ce_pretrain.sources import open_source
 
-    sizes = {row_image_size(flags, study.budget) for flags in study.rows.values() if flags is not None}
-    for size in sorted(sizes):
-        items, column, _ = open_source(str(data / "train"))
+    items, column, _ = open_source(str(data / "train"))
+    for size in sorted({row_image_size(flags, study.budget) for flags in rows}):
         open_cache(ImageDataset(items, size, image_column=column), cache_path(study.out, size),
                    num_workers=args.num_workers)
 
@@ -257,17 +255,21 @@ def _missing(study: Study, row: str, flags: list[str] | None, seed: int, steps: 
             and (c in ("linear", "knn") or steps in (0, study.budget.milestones[-1]))]  # fine-tune, VOC: final
 
 
-def pretrain_all(study: Study, args: argparse.Namespace, data: Path, jobs: int, log=print) -> None:
-    """Every pretraining snapshot a missing cell needs, with up to ``jobs`` pretraining processes at a time.
+def _pretraining_plan(study: Study) -> list[tuple[str, list[str], int, list[int]]]:
+    """(row, flags, seed, milestones) of every pretraining run a missing cell needs."""
+    return [(row, flags, seed, steps) for seed in study.seeds for row, flags in study.rows.items()
+            if flags is not None
+            and (steps := [s for s in study.budget.milestones if _missing(study, row, flags, seed, s)])]
+
+
+def pretrain_all(study: Study, args: argparse.Namespace, data: Path, plans: list, jobs: int, log=print) -> None:
+    """Every pretraining of ``plans`` (:func:`_pretraining_plan`), with up to ``jobs`` processes at a time.
 
     Small runs leave a GPU mostly idle, so several rows (and seeds) pretrain side by side; each (row, seed) still
     goes through its milestones in order, resuming its own run. A failed run does not stop the others; the first
     failure is raised once all have ended.
     """
     budget = study.budget
-    plans = [(row, flags, seed, steps) for seed in study.seeds for row, flags in study.rows.items()
-             if flags is not None
-             and (steps := [s for s in budget.milestones if _missing(study, row, flags, seed, s)])]
 
     def work(row: str, flags: list[str], seed: int, steps: list[int]) -> None:
         log(f"pretraining {row} seed {seed} to step {steps[-1]}")
@@ -288,10 +290,11 @@ def run_study(study: Study, args: argparse.Namespace, data: Path, log=print) -> 
     """Fill every missing cell, saving ``results.json`` after each; with ``args.pretrain_jobs`` > 1 every
     pretraining runs first, that many at a time (:func:`pretrain_all`)."""
     budget = study.budget
-    if uses_data_cache(args) and any(flags is not None for flags in study.rows.values()):
-        build_caches(study, args, data)
-    if getattr(args, "pretrain_jobs", 1) > 1:
-        pretrain_all(study, args, data, args.pretrain_jobs, log)
+    plans = _pretraining_plan(study)
+    if plans and uses_data_cache(args):
+        build_caches(study, args, data, [flags for _, flags, _, _ in plans])
+    if plans and args.pretrain_jobs > 1:
+        pretrain_all(study, args, data, plans, args.pretrain_jobs, log)
     for seed in study.seeds:
         for row, flags in study.rows.items():
             points = [0] if flags is None else list(budget.milestones)
