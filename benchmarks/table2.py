@@ -10,6 +10,7 @@ is scored at several points of its pretraining, so the study shows score against
     python benchmarks/table2.py --budget smoke --output-dir runs/table2-smoke                 # CPU, minutes
     python benchmarks/table2.py --budget small --data ../shared/data/imagenette-train --seeds 0 1 2   # one GPU
     python benchmarks/table2.py --budget paper --seeds 0                                        # 100K iterations
+    python benchmarks/table2.py --budget cpu --pretrain-jobs 2 --cpu-threads 1                  # probes, 2 CPU cores
 
 Writes ``results.json`` (every cell, written after each), ``table2.md`` and ``table2.png``. A finished cell is never
 recomputed: rerun the same command after a crash and it continues (pretraining resumes from its checkpoint).

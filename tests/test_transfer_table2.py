@@ -63,6 +63,23 @@ def test_a_split_shipped_as_files_keeps_its_split(classes, tmp_path):
     assert split(tmp_path / "d")  # still there
 
 
+def test_cpu_budget_studies_the_small_budgets_images(tmp_path):
+    """`--budget cpu` is the small budget's study at 99 px, probes only: the same training and test images, so its
+    numbers are read against the GPU study's."""
+    for i, name in enumerate(["cat", "dog"]):
+        write_images(tmp_path / "src" / name, n=460, size=(40, 48), seed=i)  # more than the budgets take
+    cpu, small = BUDGETS["cpu"], BUDGETS["small"]
+    a = prepare_data(tmp_path / "src", tmp_path / "cpu", cpu)
+    prepare_data(tmp_path / "src", tmp_path / "small", small)
+
+    def split(root):
+        return {(p.parent.parent.name, p.parent.name, p.name) for p in root.rglob("*.*") if p.name != "manifest.json"}
+
+    assert a["train_images"] == 2 * 350 and a["val_images"] == 2 * 100
+    assert split(tmp_path / "cpu") == split(tmp_path / "small")
+    assert cpu.image_size == cpu.transfer_size == 99 and set(cpu.columns) <= {"linear", "knn"}
+
+
 def test_rows_overrides_and_added_rows(table2):
     args = table2.parse_args(["--add-row", 'ce-l1=--mask random-region --loss l1', "--pretrain-override",
                               "ce-center=--lr 1e-4", "--rows", "ce-center", "ce-l1", "random-timm"])
