@@ -9,6 +9,7 @@ from PIL import Image
 
 from transfer.imagefolder.data import ImageFolderError, scan, stratified_split
 from transfer.imagefolder.probes import (
+    channel_health,
     classification_metrics,
     fit_linear,
     knn_scores,
@@ -51,8 +52,9 @@ def folders(tmp_path_factory):
 
 
 def _cfg(train, val, mode, **kw):
-    return ImageFolderConfig(model="random:alexnet", train=str(train), val=str(val), mode=mode, image_size=67,
-                             batch_size=8, num_workers=0, weight_decays=[1e-3, 1.0], **kw)
+    kw = {"model": "random:alexnet", **kw}
+    return ImageFolderConfig(train=str(train), val=str(val), mode=mode, image_size=67, batch_size=8, num_workers=0,
+                             weight_decays=[1e-3, 1.0], **kw)
 
 
 def test_scan_and_stratified_split(folders):
@@ -117,6 +119,32 @@ def test_knn_mode_end_to_end_writes_results(folders, tmp_path):
                                      "features.14"]
     assert saved["stage"] in saved["stages"] and saved["val_images"] == 9
     assert saved["top1"] > 60  # colours separate even with random features; chance is 33 %
+
+
+def test_channel_health_counts_channels_no_probe_can_use():
+    feats = torch.rand(10, 4, 2, 2)  # [N, C, g, g]: channel 1 dead, channel 2 the same everywhere
+    feats[:, 1] = 0
+    feats[:, 2] = 3.0
+    health = channel_health(feats.flatten(1), channels=4)
+    assert health["inactive_channels"] == 0.5
+    assert health["rms"] == pytest.approx(float(feats.pow(2).mean().sqrt()))
+    assert channel_health(torch.rand(10, 16), channels=4)["inactive_channels"] == 0
+
+
+def test_probes_report_each_stages_dead_units(folders, tmp_path):
+    """A stage whose units never fire is visible in results.json, and the stages above it still count as alive."""
+    from ce_pretrain import ContextEncoder
+
+    model = ContextEncoder("alexnet", image_size=67)
+    conv3 = model.encoder.model.features[8]
+    with torch.no_grad():
+        conv3.bias[:96] = -1e4  # a quarter of conv3's 384 units: ReLU gives 0 on every input
+    model.save_pretrained(tmp_path / "m")
+    result = run(_cfg(folders[0], folders[1], "knn", model=str(tmp_path / "m"), output_dir=str(tmp_path / "o")))
+    health = {stage: s["health"] for stage, s in result["stages"].items()}
+    assert 0.25 <= health["features.9"]["inactive_channels"] < 0.3  # the killed units, and a few these images miss
+    assert health["features.1"]["inactive_channels"] < 0.05
+    assert all(h["rms"] > 0 for h in health.values())
 
 
 def test_linear_mode_never_looks_at_the_validation_images(folders, tmp_path):

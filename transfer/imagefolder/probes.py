@@ -18,8 +18,8 @@ from transfer.common.features import TimmFeatures
 
 from .data import ImageFolderError
 
-__all__ = ["StageFeatures", "classification_metrics", "extract", "fit_linear", "knn_scores", "pool_grid",
-           "select_weight_decay"]
+__all__ = ["StageFeatures", "channel_health", "classification_metrics", "extract", "fit_linear", "knn_scores",
+           "pool_grid", "select_weight_decay"]
 
 POOLED_VALUES = 9216
 WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -44,6 +44,7 @@ class StageFeatures(nn.Module):
         except RuntimeError as err:  # e.g. AlexNet's pools need at least 63 px
             raise ImageFolderError(f"image size {image_size} is too small for {type(model).__name__}: "
                                    f"{str(err).splitlines()[0]}") from None
+        self.channels = [m.shape[1] for m in maps]
         self.grids = [pool_grid(m.shape[1], min(m.shape[2:])) for m in maps]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -67,6 +68,19 @@ def extract(model: StageFeatures, loader: torch.utils.data.DataLoader, device: t
             feats[n].append(f.float().cpu())  # once per batch, not per step of a training loop
         labels.append(y)
     return {n: torch.cat(v) for n, v in feats.items()}, torch.cat(labels)
+
+
+def channel_health(feats: torch.Tensor, channels: int) -> dict:
+    """How much of a stage is alive, from its pooled features ``[N, C · g²]`` (before standardisation).
+
+    ``inactive_channels``: the fraction of channels whose response is the same on every image and in every pooled
+    cell (after a ReLU: never positive, a dead unit), so that standardisation zeroes it and no probe can use it;
+    ``rms``: the root-mean-square activation, whose growth over pretraining shows a stage's scale drifting.
+    """
+    per_channel = feats.float().reshape(len(feats), channels, -1).transpose(0, 1).reshape(channels, -1)
+    spread = per_channel.std(dim=1, correction=0)
+    inactive = spread <= 1e-6 * per_channel.abs().amax(dim=1)  # an all-zero channel too (0 ≤ 0)
+    return {"inactive_channels": float(inactive.float().mean()), "rms": float(feats.float().pow(2).mean().sqrt())}
 
 
 def standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:

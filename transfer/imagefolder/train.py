@@ -44,6 +44,7 @@ from .data import ImageFolderError, LabelledImages, eval_transform, scan, strati
 from .probes import (
     WEIGHT_DECAYS,
     StageFeatures,
+    channel_health,
     classification_metrics,
     extract,
     fit_linear,
@@ -151,7 +152,8 @@ def _probe(cfg: ImageFolderConfig, ckpt: EncoderCheckpoint, train: list, val: li
                          "held_out_top1_by_weight_decay": {str(k): v for k, v in acc.items()}}
             scores = fit_linear(x_tr, y_tr, len(classes), wd)(x_val)
         per_stage[name] = {**classification_metrics(scores, val_y, classes), "selection": selection,
-                           "features": int(x_tr.shape[1])}
+                           "features": int(x_tr.shape[1]),
+                           "health": channel_health(train_feats[name], stages.channels[stages.names.index(name)])}
     best = max(stages.names, key=lambda n: per_stage[n]["selection"]["held_out_top1"])
     return {**{k: per_stage[best][k] for k in ("top1", "top5", "mean_per_class", "per_class")}, "stage": best,
             "stages": per_stage, "rescale": rescale_report}

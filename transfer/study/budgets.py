@@ -76,7 +76,7 @@ BUDGETS = {
                     finetune_batch=64, transfer_size=200, voc_steps=(500, 500, 500), voc_size=200,
                     columns=IMAGEFOLDER),
     # the small budget's images at the smoke budget's 99 px, scored by the probes only: the study on 2 CPU cores
-    # (a row's 500 steps take about 20 core-minutes there), e.g. to try an ablation before renting a GPU
+    # (250 steps of one row took 4 min on one core), e.g. to try an ablation before renting a GPU
     "cpu": Budget(backbone="alexnet", image_size=99, batch_size=64, milestones=(250, 500, 1000),
                   train_per_class=350, val_per_class=100, max_megabytes=60, finetune_steps=500, finetune_batch=64,
                   transfer_size=99, voc_steps=(100, 100, 100), voc_size=99, columns=("linear", "knn"),
