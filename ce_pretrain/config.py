@@ -63,6 +63,7 @@ class TrainConfig:
     mask_shapes: str | None = None
     mask_source: str = "procedural"
     loss: str = "l2"
+    high_pass_weight: float = 0.0
     augment: str = "crop"
     decoder_norm: str = "batch"
     fc_dropout: float = 0.5
@@ -162,6 +163,9 @@ def build_parser(prog: str = "ce_pretrain/train.py") -> argparse.ArgumentParser:
                    help="random-region shapes when no --mask-shapes: star-shaped blobs or the original code's "
                         "thresholded noise")
     g.add_argument("--loss", choices=["l2", "l1"], default="l2", help="reconstruction loss")
+    g.add_argument("--high-pass-weight", type=float, default=0.0,
+                   help="add this weight times the reconstruction error of the images minus their 7×7 local mean "
+                        "(edges and texture; cf. MAE's normalised-pixel targets); 0: the paper's loss")
     g.add_argument("--adversarial-weight", type=float,
                    help="λadv of the joint loss (λrec = 1 − λadv); 0 disables the discriminator; default: the "
                         "preset's (0 / 0.001)")
@@ -278,7 +282,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         preset=args.preset, data=args.data, data_split=args.data_split, streaming=args.streaming,
         data_cache=args.data_cache,
         mask_shapes=args.mask_shapes,
-        mask_source=args.mask_source, loss=args.loss, discriminator_lr=args.discriminator_lr,
+        mask_source=args.mask_source, loss=args.loss, high_pass_weight=args.high_pass_weight,
+        discriminator_lr=args.discriminator_lr,
         augment=args.augment, decoder_norm=args.decoder_norm,
         fc_dropout=0.5 if args.fc_dropout is None else args.fc_dropout, lr_schedule=args.lr_schedule,
         warmup_steps=args.warmup_steps, schedule_steps=args.schedule_steps,
@@ -331,6 +336,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--augment must be one of {', '.join(AUGMENTS)}, got {cfg.augment!r}")
     if cfg.decoder_norm not in DECODER_NORMS:
         raise ConfigError(f"--decoder-norm must be one of {', '.join(DECODER_NORMS)}, got {cfg.decoder_norm!r}")
+    if not (cfg.high_pass_weight >= 0 and math.isfinite(cfg.high_pass_weight)):
+        raise ConfigError(f"--high-pass-weight must be a finite number ≥ 0, got {cfg.high_pass_weight}")
     if not 0 <= cfg.fc_dropout < 1:
         raise ConfigError(f"--fc-dropout must be in [0, 1), got {cfg.fc_dropout}")
     if cfg.bottleneck != "channel-fc" and cfg.fc_dropout != 0.5:

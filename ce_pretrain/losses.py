@@ -16,8 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+HIGH_PASS_SIZE = 7  # px: the local mean that --high-pass-weight removes
+
 __all__ = [
     "ReconstructionLoss",
+    "high_pass",
     "discriminator_loss",
     "generator_adversarial_loss",
     "joint_loss",
@@ -45,6 +48,12 @@ def loss_weights(mask: torch.Tensor, overlap: int = 0, overlap_weight: float = 1
     return hole + (grown - hole) * overlap_weight
 
 
+def high_pass(x: torch.Tensor, size: int = HIGH_PASS_SIZE) -> torch.Tensor:
+    """``x`` minus its ``size``×``size`` local mean (a box blur that averages only pixels inside the image): what
+    is left is edges and texture, without the colour and brightness that context already gives away."""
+    return x - F.avg_pool2d(x, size, stride=1, padding=size // 2, count_include_pad=False)
+
+
 class ReconstructionLoss(nn.Module):
     """Normalised masked L2 (or L1) distance, ``‖M̂ ⊙ (x − F((1 − M̂) ⊙ x))‖``, averaged over the loss region.
 
@@ -53,15 +62,23 @@ class ReconstructionLoss(nn.Module):
     weight), so an unweighted hole gives the plain mean error over the hole, whatever its size, and the overlap
     band counts ``overlap_weight`` times, as in the original code's weighted MSE.
 
+    With ``high_pass_weight`` w > 0 the error of each pixel gains w times the error of the high-passed images
+    (:func:`high_pass` of prediction and target, like MAE's normalised-pixel targets it weighs structure over
+    colour); the prediction is still plain pixels.
+
     Args:
         p: 2 for L2, 1 for L1.
+        high_pass_weight: weight w of the high-passed error; 0 (default) is the paper's loss.
     """
 
-    def __init__(self, p: int = 2):
+    def __init__(self, p: int = 2, high_pass_weight: float = 0.0):
         super().__init__()
         if p not in (1, 2):
             raise ValueError(f"p must be 1 (L1) or 2 (L2), got {p}")
+        if high_pass_weight < 0:
+            raise ValueError(f"high_pass_weight must be at least 0, got {high_pass_weight}")
         self.p = p
+        self.high_pass_weight = high_pass_weight
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """pred, target: ``[B, C, H, W]``; weights: ``[B, 1, H, W]`` from :func:`loss_weights` → scalar."""
@@ -69,6 +86,10 @@ class ReconstructionLoss(nn.Module):
             raise ValueError(f"prediction {list(pred.shape)} and target {list(target.shape)} differ in shape")
         diff = pred.float() - target.float()
         err = diff.abs() if self.p == 1 else diff * diff
+        if self.high_pass_weight:
+            # of the error inside the loss region only, so that pixels outside it still get no gradient
+            detail = high_pass(diff * (weights > 0))
+            err = err + self.high_pass_weight * (detail.abs() if self.p == 1 else detail * detail)
         count = (weights > 0).sum() * pred.shape[1]
         return (err * weights).sum() / count.clamp(min=1)
 

@@ -50,15 +50,16 @@ class ContextEncoderObjective:
         mask_rule: how masks are drawn and weighted; default: the model's own rule.
         loss: ``"l2"`` or ``"l1"`` reconstruction.
         adversarial_weight: λadv of the joint loss.
+        high_pass_weight: weight of the high-passed reconstruction error (:class:`ReconstructionLoss`).
     """
 
     def __init__(self, accelerator, model, discriminator, opt_g, opt_d, *, mask_rule: MaskRule | None = None,
-                 loss: str = "l2", adversarial_weight: float = 0.0):
+                 loss: str = "l2", adversarial_weight: float = 0.0, high_pass_weight: float = 0.0):
         self.accelerator = accelerator
         self.model, self.disc, self.opt_g, self.opt_d = model, discriminator, opt_g, opt_d
         self.core: ContextEncoder = accelerator.unwrap_model(model)
         self.mask_rule = mask_rule or self.core.mask_rule
-        self.rec_loss = ReconstructionLoss(p=2 if loss == "l2" else 1)
+        self.rec_loss = ReconstructionLoss(p=2 if loss == "l2" else 1, high_pass_weight=high_pass_weight)
         self.adversarial_weight = adversarial_weight
         self.disc_core = accelerator.unwrap_model(discriminator) if discriminator is not None else None
         self._model_params = [p for p in model.parameters() if p.requires_grad]
@@ -118,7 +119,8 @@ class ContextEncoderObjective:
         fused = _fused_adam(accelerator)
         opt_g = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999),
                                  weight_decay=cfg.weight_decay, fused=fused)
-        kwargs = dict(mask_rule=rule, loss=cfg.loss, adversarial_weight=cfg.adversarial_weight)
+        kwargs = dict(mask_rule=rule, loss=cfg.loss, adversarial_weight=cfg.adversarial_weight,
+                      high_pass_weight=cfg.high_pass_weight)
         if not cfg.adversarial:
             model, opt_g = accelerator.prepare(model, opt_g)
             return cls(accelerator, _compiled(model, cfg.compile), None, opt_g, None, **kwargs)

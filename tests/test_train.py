@@ -149,6 +149,7 @@ def test_bad_files_are_skipped_and_reported(image_folder, tmp_path):
     (["--resume", "/no/checkpoint"], "does not exist"),
     (["--streaming"], "--streaming applies to Hugging Face datasets"),
     (["--fc-dropout", "1"], "--fc-dropout must be in [0, 1)"),
+    (["--high-pass-weight", "-0.5"], "--high-pass-weight must be a finite number ≥ 0"),
     (["--preset", "inpainting", "--fc-dropout", "0"], "has no dropout"),
     (["--warmup-steps", "-1"], "--warmup-steps must be ≥ 0"),
     (["--lr-schedule", "cosine", "--warmup-steps", "10", "--max-steps", "10"], "leaves no steps for the cosine"),
