@@ -84,13 +84,14 @@ class ReconstructionLoss(nn.Module):
         """pred, target: ``[B, C, H, W]``; weights: ``[B, 1, H, W]`` from :func:`loss_weights` → scalar."""
         if pred.shape != target.shape:
             raise ValueError(f"prediction {list(pred.shape)} and target {list(target.shape)} differ in shape")
+        region = weights > 0
         diff = pred.float() - target.float()
         err = diff.abs() if self.p == 1 else diff * diff
         if self.high_pass_weight:
             # of the error inside the loss region only, so that pixels outside it still get no gradient
-            detail = high_pass(diff * (weights > 0))
+            detail = high_pass(diff * region)
             err = err + self.high_pass_weight * (detail.abs() if self.p == 1 else detail * detail)
-        count = (weights > 0).sum() * pred.shape[1]
+        count = region.sum() * pred.shape[1]
         return (err * weights).sum() / count.clamp(min=1)
 
 

@@ -137,7 +137,7 @@ def _probe(cfg: ImageFolderConfig, ckpt: EncoderCheckpoint, train: list, val: li
     # the split of the training set that chooses the weight decay (linear) and the reported stage (both modes)
     fit_idx, held_idx = (torch.tensor(ix) for ix in _index_split(train_y, cfg.selection_fraction, cfg.seed))
     per_stage = {}
-    for name in stages.names:
+    for name, channels in zip(stages.names, stages.channels):
         x_tr, y_tr = train_feats[name].to(device), train_y.to(device)
         x_fit, x_held = standardise(x_tr[fit_idx], x_tr[held_idx])
         x_tr, x_val = standardise(x_tr, val_feats[name].to(device))
@@ -153,7 +153,7 @@ def _probe(cfg: ImageFolderConfig, ckpt: EncoderCheckpoint, train: list, val: li
             scores = fit_linear(x_tr, y_tr, len(classes), wd)(x_val)
         per_stage[name] = {**classification_metrics(scores, val_y, classes), "selection": selection,
                            "features": int(x_tr.shape[1]),
-                           "health": channel_health(train_feats[name], stages.channels[stages.names.index(name)])}
+                           "health": channel_health(train_feats[name], channels)}
     best = max(stages.names, key=lambda n: per_stage[n]["selection"]["held_out_top1"])
     return {**{k: per_stage[best][k] for k in ("top1", "top5", "mean_per_class", "per_class")}, "stage": best,
             "stages": per_stage, "rescale": rescale_report}
