@@ -10,7 +10,7 @@ is scored at several points of its pretraining, so the study shows score against
     python benchmarks/table2.py --budget smoke --output-dir runs/table2-smoke                 # CPU, minutes
     python benchmarks/table2.py --budget small --data ../shared/data/imagenette-train --seeds 0 1 2   # one GPU
     python benchmarks/table2.py --budget paper --seeds 0                                        # 100K iterations
-    python benchmarks/table2.py --budget cpu --pretrain-jobs 2 --cpu-threads 1                  # probes, 2 CPU cores
+    python benchmarks/table2.py --budget cpu --pretrain-jobs 2 --transfer-jobs 2 --cpu-threads 1  # 2 CPU cores
 
 Writes ``results.json`` (every cell, written after each), ``table2.md`` and ``table2.png``. A finished cell is never
 recomputed: rerun the same command after a crash and it continues (pretraining resumes from its checkpoint).
@@ -93,6 +93,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrain-jobs", type=int, default=1, metavar="N",
                    help="pretraining runs at once, before the transfer cells: small runs leave a GPU mostly idle, "
                         "so several rows and seeds can share it (on a CPU they share its cores)")
+    p.add_argument("--transfer-jobs", type=int, default=1, metavar="N",
+                   help="transfer cells at once, each in its own process, after every pretraining has run (a "
+                        "fine-tuning run at the small budget leaves a GPU mostly idle too); their output goes to "
+                        "OUTPUT_DIR/cells/<cell>.log")
     p.add_argument("--data-cache", choices=["auto", "on", "off"], default="auto",
                    help="pretrain from training images decoded once (train.py --data-cache; crops and flips on the "
                         "device); auto: on a GPU, where a few JPEG-decoding loader processes would bound the step")
@@ -110,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         budget = BUDGETS[args.budget]
-        if args.pretrain_jobs < 1:
-            raise StudyError(f"--pretrain-jobs must be at least 1, got {args.pretrain_jobs}")
+        for flag in ("pretrain_jobs", "transfer_jobs"):
+            if getattr(args, flag) < 1:
+                raise StudyError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
         if args.milestones:
             if any(m < 1 for m in args.milestones):
                 raise StudyError("--milestones must be at least 1")

@@ -218,9 +218,47 @@ def test_pretraining_runs_side_by_side_with_pretrain_jobs(table2, classes, tmp_p
     assert set(cells) == {f"ce-region/seed0/images{batch}/knn", f"autoencoder/seed0/images{batch}/knn"}
 
 
-def test_pretrain_jobs_must_be_positive(table2, classes, tmp_path, capsys):
-    assert table2.main(["--data", str(classes), "--output-dir", str(tmp_path / "o"), "--pretrain-jobs", "0"]) == 2
-    assert "--pretrain-jobs must be at least 1" in capsys.readouterr().err
+@pytest.mark.parametrize("flag", ["--pretrain-jobs", "--transfer-jobs"])
+def test_jobs_must_be_positive(table2, classes, tmp_path, capsys, flag):
+    assert table2.main(["--data", str(classes), "--output-dir", str(tmp_path / "o"), flag, "0"]) == 2
+    assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_transfer_cells_in_their_own_processes_give_the_same_scores(table2, classes, tmp_path):
+    """--transfer-jobs 2 runs each cell in a process of its own, two at a time: the same scores as in-process, every
+    cell saved, each cell's output in its log."""
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    assert _study(table2, classes, serial, "--columns", "knn", "linear") == 0
+    assert _study(table2, classes, parallel, "--columns", "knn", "linear", "--transfer-jobs", "2") == 0
+    one = json.loads((serial / "results.json").read_text())["cells"]
+    two = json.loads((parallel / "results.json").read_text())["cells"]
+    assert len(one) == 4 and set(one) == set(two)
+    for key in one:
+        assert two[key]["score"] == pytest.approx(one[key]["score"]), key
+        assert two[key]["stage"] == one[key]["stage"] and two[key]["seed"] == one[key]["seed"]
+        log = parallel / "cells" / (key.replace("/", "_") + ".log")
+        assert f"{key}: top-1 {one[key]['score']:.1f}" in log.read_text()
+    assert not list((parallel / "cells").glob("*.result.json"))
+    assert "| random init (timm) | 0 |" in (parallel / "table2.md").read_text()
+
+
+def test_a_failed_cell_process_leaves_the_others_saved_and_names_its_log(table2, classes, tmp_path):
+    from transfer.study.budgets import StudyError as Error
+    from transfer.study.cells import Cell, Study, initialisation, run_cells
+
+    budget = BUDGETS["smoke"]
+    out = tmp_path / "study"
+    prepare_data(classes, out / "data", budget)
+    args = table2.parse_args(["--cpu", "--num-workers", "0", "--cpu-threads", "1"])
+    study = Study(out=out, budget_name="smoke", budget=budget, rows={"random-timm": None}, columns=("knn",),
+                  seeds=[0])
+    good = initialisation("random-timm", budget, 0, out / "pretrain" / "random-timm" / "seed0" / "init")
+    cells = [Cell("random-timm/seed0/images0/knn", "random-timm", None, 0, 0, "knn", good),
+             Cell("broken/seed0/images0/knn", "broken", None, 0, 0, "knn", out / "no-such-encoder")]
+    with pytest.raises(Error, match=r"broken/seed0/images0/knn failed \(exit 1\); see .*broken_seed0_images0_knn\.log"):
+        run_cells(study, args, out / "data", cells, jobs=2, log=lambda s: None)
+    saved = json.loads((out / "results.json").read_text())["cells"]
+    assert list(saved) == ["random-timm/seed0/images0/knn"] and saved["random-timm/seed0/images0/knn"]["score"] > 0
 
 
 def test_prepare_only_writes_the_split_and_nothing_else(table2, classes, tmp_path, capsys):

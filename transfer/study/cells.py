@@ -286,42 +286,153 @@ def pretrain_all(study: Study, args: argparse.Namespace, data: Path, plans: list
         raise errors[0]
 
 
-def run_study(study: Study, args: argparse.Namespace, data: Path, log=print) -> None:
-    """Fill every missing cell, saving ``results.json`` after each; with ``args.pretrain_jobs`` > 1 every
-    pretraining runs first, that many at a time (:func:`pretrain_all`)."""
+@dataclass(frozen=True)
+class Cell:
+    """One transfer run to do: ``key`` in ``results.json``, and the encoder folder ``source`` it starts from."""
+
+    key: str
+    row: str
+    flags: list[str] | None
+    seed: int
+    images: int
+    column: str
+    source: Path
+
+
+# the longest cells start first when several run at once (longest-first packs a pool of workers best)
+_EXPECTED_LENGTH = {"finetune": 0, "voc-det": 1, "voc-seg": 2, "voc-cls": 3, "linear": 4, "knn": 5}
+
+
+def _transfer(cell: Cell, budget: Budget, args: argparse.Namespace, data: Path, cell_dir: Path) -> dict:
+    if cell.column in IMAGEFOLDER:
+        return _imagefolder_cell(cell.column, str(cell.source), cell.row, budget, args, cell.seed, data, cell_dir)
+    return _voc_cell(cell.column, str(cell.source), budget, args, cell.seed, cell_dir)
+
+
+def _record(study: Study, cell: Cell, result: dict, seconds: float, log) -> None:
+    result.update(row=cell.row, flags=cell.flags, seed=cell.seed, images=cell.images, column=cell.column,
+                  seconds=round(seconds, 1))
+    study.cells[cell.key] = result
+    study.save()
+    log(f"{cell.key}: {METRIC[cell.column]} {result['score']:.1f}")
+
+
+def cell_dir(study: Study, key: str) -> Path:
+    """Where one cell's transfer run writes (its ``results.json``, logs)."""
+    return study.out / "cells" / key.replace("/", "_")
+
+
+# what a cell process needs of the study's command line
+_CELL_ARGS = ("rescale", "cpu", "mixed_precision", "num_workers", "voc_root", "cpu_threads")
+
+
+def run_cells(study: Study, args: argparse.Namespace, data: Path, cells: list[Cell], jobs: int, log=print) -> None:
+    """Run ``cells``, each in its own process (``python -m transfer.study.cells``), up to ``jobs`` at a time.
+
+    The cells are independent, and a small transfer run leaves a GPU (or a multi-core CPU) mostly idle. Each
+    finished cell is saved to ``results.json`` at once, so a crash loses only the cells still running; a failed
+    cell does not stop the others, and the first failure is raised once all have ended. A cell's output goes to
+    ``cells/<key>.log``.
+    """
+    import threading
+
+    lock = threading.Lock()
+    spec_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in _CELL_ARGS}
+
+    def work(cell: Cell) -> None:
+        out_dir = cell_dir(study, cell.key)
+        result_path = out_dir.with_name(out_dir.name + ".result.json")
+        result_path.unlink(missing_ok=True)
+        spec = {"cell": {**dataclasses.asdict(cell), "source": str(cell.source)}, "args": spec_args,
+                "budget": dataclasses.asdict(study.budget), "data": str(data), "cell_dir": str(out_dir),
+                "result": str(result_path)}
+        log_path = out_dir.with_name(out_dir.name + ".log")
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        with open(log_path, "a") as f:
+            done = subprocess.run([sys.executable, "-m", "transfer.study.cells", json.dumps(spec)], stdout=f,
+                                  stderr=subprocess.STDOUT, check=False)
+        if done.returncode or not result_path.is_file():
+            raise StudyError(f"{cell.key} failed (exit {done.returncode}); see {log_path}")
+        result = json.loads(result_path.read_text())
+        with lock:
+            _record(study, cell, result, time.time() - started, log)
+        result_path.unlink()
+
+    ordered = sorted(cells, key=lambda c: _EXPECTED_LENGTH.get(c.column, 0))
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait for the cell processes
+        futures = [pool.submit(work, cell) for cell in ordered]
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        raise errors[0]
+
+
+def _cell_main(argv: list[str]) -> int:
+    """``python -m transfer.study.cells SPEC``: one cell of :func:`run_cells` in this process."""
+    spec = json.loads(argv[0])
+    args = argparse.Namespace(**spec["args"])
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
+    budget = Budget(**spec["budget"])
+    cell = Cell(**{**spec["cell"], "source": Path(spec["cell"]["source"])})
+    print(f"{cell.key}: {cell.column} from {cell.source}", flush=True)
+    result = _transfer(cell, budget, args, Path(spec["data"]), Path(spec["cell_dir"]))
+    write_text_atomic(Path(spec["result"]), json.dumps(result) + "\n")
+    print(f"{cell.key}: {METRIC[cell.column]} {result['score']:.1f}", flush=True)
+    return 0
+
+
+def _source(study: Study, row: str, flags: list[str] | None, seed: int, steps: int, args: argparse.Namespace,
+            data: Path, log) -> Path:
+    """The encoder a cell of (row, seed, ``steps``) starts from: an initialisation, or the pretraining snapshot
+    (pretraining it now if it is missing)."""
     budget = study.budget
+    if flags is None:
+        return initialisation(row, budget, seed, study.out / "pretrain" / row / f"seed{seed}" / "init")
+    started = time.time()
+    done = (snapshot_path(row, flags, budget, seed, steps, study.out) / "model.safetensors").is_file()
+    source = pretrain(row, flags, budget, seed, steps, args, study.out, data / "train")
+    if not done:
+        log(f"pretrained {row} seed {seed} to {steps * row_batch_size(flags, budget)} images "
+            f"({time.time() - started:.0f} s)")
+    return source
+
+
+def run_study(study: Study, args: argparse.Namespace, data: Path, log=print) -> None:
+    """Fill every missing cell, saving ``results.json`` after each.
+
+    With ``args.pretrain_jobs`` > 1 every pretraining runs first, that many at a time (:func:`pretrain_all`); with
+    ``args.transfer_jobs`` > 1 every pretraining runs first too, then the cells, that many at a time
+    (:func:`run_cells`). Otherwise each (row, seed, milestone) is pretrained and then scored, in turn.
+    """
+    budget = study.budget
+    transfer_jobs = getattr(args, "transfer_jobs", 1)
     plans = _pretraining_plan(study)
     if plans and uses_data_cache(args):
         build_caches(study, args, data, [flags for _, flags, _, _ in plans])
-    if plans and args.pretrain_jobs > 1:
+    if plans and (args.pretrain_jobs > 1 or transfer_jobs > 1):
         pretrain_all(study, args, data, plans, args.pretrain_jobs, log)
+    queued = []
     for seed in study.seeds:
         for row, flags in study.rows.items():
-            points = [0] if flags is None else list(budget.milestones)
             rid = row_id(row, flags, budget)
-            for steps in points:
-                images = steps * row_batch_size(flags, budget)
+            for steps in [0] if flags is None else list(budget.milestones):
                 todo = _missing(study, row, flags, seed, steps)
                 if not todo:
                     continue
-                if flags is None:
-                    source = initialisation(row, budget, seed, study.out / "pretrain" / row / f"seed{seed}" / "init")
-                else:
+                source = _source(study, row, flags, seed, steps, args, data, log)
+                images = steps * row_batch_size(flags, budget)
+                cells = [Cell(cell_key(rid, seed, images, c), row, flags, seed, images, c, source) for c in todo]
+                if transfer_jobs > 1:
+                    queued += cells
+                    continue
+                for cell in cells:
                     started = time.time()
-                    done = (snapshot_path(row, flags, budget, seed, steps, study.out) / "model.safetensors").is_file()
-                    source = pretrain(row, flags, budget, seed, steps, args, study.out, data / "train")
-                    if not done:
-                        log(f"pretrained {row} seed {seed} to {images} images ({time.time() - started:.0f} s)")
-                for column in todo:
-                    key = cell_key(rid, seed, images, column)
-                    cell_dir = study.out / "cells" / key.replace("/", "_")
-                    started = time.time()
-                    if column in IMAGEFOLDER:
-                        cell = _imagefolder_cell(column, str(source), row, budget, args, seed, data, cell_dir)
-                    else:
-                        cell = _voc_cell(column, str(source), budget, args, seed, cell_dir)
-                    cell.update(row=row, flags=flags, seed=seed, images=images, column=column,
-                                seconds=round(time.time() - started, 1))
-                    study.cells[key] = cell
-                    study.save()
-                    log(f"{key}: {METRIC[column]} {cell['score']:.1f}")
+                    result = _transfer(cell, budget, args, data, cell_dir(study, cell.key))
+                    _record(study, cell, result, time.time() - started, log)
+    if queued:
+        run_cells(study, args, data, queued, transfer_jobs, log)
+
+
+if __name__ == "__main__":
+    sys.exit(_cell_main(sys.argv[1:]))
