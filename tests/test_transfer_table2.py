@@ -137,6 +137,47 @@ def test_a_finished_cell_is_never_recomputed(table2, classes, tmp_path):
     assert f"| random init (timm) | 0 | {(lost['score'] - 7.0) / 2:.1f} ± " in (out / "table2.md").read_text()
 
 
+def test_a_fine_tuning_cell_cut_short_resumes_from_its_checkpoint(table2, classes, tmp_path, monkeypatch, capsys):
+    """A study killed during a fine-tuning cell resumes that cell from its last checkpoint, to the same score as an
+    uninterrupted run (bit-identical on CPU without loader workers)."""
+    import dataclasses
+
+    import transfer.imagefolder.train as imagefolder
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert _study(table2, classes, whole, "--columns", "finetune", "--seeds", "0") == 0
+    real_run = imagefolder.run
+
+    def killed_after_a_step(cfg):
+        real_run(dataclasses.replace(cfg, max_time=1e-9))  # stops after its first step, with a checkpoint
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(imagefolder, "run", killed_after_a_step)
+    with pytest.raises(KeyboardInterrupt):
+        _study(table2, classes, cut, "--columns", "finetune", "--seeds", "0")
+    monkeypatch.setattr(imagefolder, "run", real_run)
+    capsys.readouterr()
+    assert _study(table2, classes, cut, "--columns", "finetune", "--seeds", "0") == 0
+    assert "resumed from " in capsys.readouterr().out
+    key = "random-timm/seed0/images0/finetune"
+    cells = [json.loads((d / "results.json").read_text())["cells"][key] for d in (whole, cut)]
+    assert cells[1]["score"] == cells[0]["score"] and cells[1]["steps"] == BUDGETS["smoke"].finetune_steps
+
+    def forget_the_cell():  # as if the study died after the cell's run ended, before it saved the cell
+        results = json.loads((cut / "results.json").read_text())
+        del results["cells"][key]
+        (cut / "results.json").write_text(json.dumps(results))
+
+    forget_the_cell()
+    capsys.readouterr()
+    assert _study(table2, classes, cut, "--columns", "finetune", "--seeds", "0") == 0
+    assert "holds the finished run; nothing to resume" in capsys.readouterr().err
+    forget_the_cell()
+    assert _study(table2, classes, cut, "--columns", "finetune", "--seeds", "0", "--rescale") == 0
+    assert "is of another run: --rescale was False, now True" in capsys.readouterr().out  # so it starts over
+    assert json.loads((cut / "results.json").read_text())["cells"][key]["steps"] == BUDGETS["smoke"].finetune_steps
+
+
 @pytest.mark.slow
 def test_pretrained_row_resumes_its_pretraining_between_milestones(table2, classes, tmp_path):
     out = tmp_path / "study"

@@ -165,11 +165,30 @@ def _voc_cell(column: str, source: str, budget: Budget, args: argparse.Namespace
               "max_steps": budget.voc_steps[2], "batch_size": 8}
         key = "mIoU"
     kw.update(model=source, data_root=str(args.voc_root), year=2012, seed=seed, workers=args.num_workers,
-              num_workers=args.num_workers, output_dir=str(cell_dir), overwrite=True, cpu=args.cpu,
+              num_workers=args.num_workers, output_dir=str(cell_dir), cpu=args.cpu,
               mixed_precision=None if args.cpu else (args.mixed_precision or budget.mixed_precision))
-    names = {f.name for f in dataclasses.fields(Config)}
-    result = run(Config(**{k: v for k, v in kw.items() if k in names}))
+    result = _run_resuming(run, Config, kw, cell_dir)
     return {"score": result[key], "steps": result.get("steps")}
+
+
+def _run_resuming(run, config_class, kw: dict, cell_dir: Path) -> dict:
+    """``run(config_class(**kw))`` for a trained cell (fine-tuning, VOC), resuming what an interrupted study left in
+    ``cell_dir`` (its last checkpoint, or its finished ``results.json``); a cell left with other settings (e.g. the
+    study rerun with ``--rescale``) starts over."""
+    from transfer.common.cli import UsageError
+    from transfer.common.snapshot import latest_checkpoint
+
+    names = {f.name for f in dataclasses.fields(config_class)}
+
+    def attempt(**how) -> dict:
+        return run(config_class(**{k: v for k, v in {**kw, **how}.items() if k in names}))
+
+    if "resume" in names and (latest_checkpoint(cell_dir) is not None or (cell_dir / "results.json").is_file()):
+        try:
+            return attempt(resume="latest", overwrite=False)
+        except UsageError as err:
+            print(f"{cell_dir}: {err}; starting this cell over", flush=True)
+    return attempt(resume=None, overwrite=True)
 
 
 def _imagefolder_cell(column: str, source: str, row: str, budget: Budget, args: argparse.Namespace, seed: int,
@@ -183,9 +202,12 @@ def _imagefolder_cell(column: str, source: str, row: str, budget: Budget, args: 
           "num_workers": args.num_workers, "seed": seed, "cpu": args.cpu,
           "mixed_precision": "no" if args.cpu else (args.mixed_precision or budget.mixed_precision),
           "rescale": rescale, "rescale_beta": 0.0 if row == "random-gaussian" else None,
-          "max_steps": budget.finetune_steps, "overwrite": True}
-    names = {f.name for f in dataclasses.fields(ImageFolderConfig)}
-    result = run(ImageFolderConfig(**{k: v for k, v in kw.items() if k in names}))
+          "max_steps": budget.finetune_steps}
+    if column == "finetune":
+        result = _run_resuming(run, ImageFolderConfig, kw, cell_dir)
+    else:  # the probes train nothing worth resuming
+        names = {f.name for f in dataclasses.fields(ImageFolderConfig)}
+        result = run(ImageFolderConfig(**{k: v for k, v in {**kw, "overwrite": True}.items() if k in names}))
     return {"score": result["top1"], "top5": result["top5"], "stage": result.get("stage"),
             "steps": result.get("steps")}
 
