@@ -13,7 +13,8 @@ is scored at several points of its pretraining, so the study shows score against
     python benchmarks/table2.py --budget cpu --pretrain-jobs 2 --transfer-jobs 2 --cpu-threads 1  # 2 CPU cores
 
 Writes ``results.json`` (every cell, written after each), ``table2.md`` and ``table2.png``. A finished cell is never
-recomputed: rerun the same command after a crash and it continues (pretraining resumes from its checkpoint).
+recomputed: rerun the same command after a crash and it continues (pretraining, and a fine-tuning or VOC cell,
+resumes from its checkpoint).
 Ablations: ``--add-row NAME="TRAIN FLAGS"`` adds a pretraining row (flags of ``python -m ce_pretrain.train``, e.g.
 ``--add-row ce-rrc-cos="--augment rrc+jitter --lr-schedule cosine --warmup-steps 250"``), ``--pretrain-override
 ROW="FLAGS"`` changes a row; a row's cells are keyed by its flags, so new flags never reuse old cells; see
