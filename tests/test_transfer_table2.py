@@ -64,8 +64,8 @@ def test_a_split_shipped_as_files_keeps_its_split(classes, tmp_path):
 
 
 def test_cpu_budget_studies_the_small_budgets_images(tmp_path):
-    """`--budget cpu` is the small budget's study at 99 px, probes only: the same training and test images, so its
-    numbers are read against the GPU study's."""
+    """`--budget cpu` is the small budget's study at 99 px: the same training and test images, so its numbers are
+    read against the GPU study's."""
     for i, name in enumerate(["cat", "dog"]):
         write_images(tmp_path / "src" / name, n=460, size=(40, 48), seed=i)  # more than the budgets take
     cpu, small = BUDGETS["cpu"], BUDGETS["small"]
@@ -77,7 +77,8 @@ def test_cpu_budget_studies_the_small_budgets_images(tmp_path):
 
     assert a["train_images"] == 2 * 350 and a["val_images"] == 2 * 100
     assert split(tmp_path / "cpu") == split(tmp_path / "small")
-    assert cpu.image_size == cpu.transfer_size == 99 and set(cpu.columns) <= {"linear", "knn"}
+    assert cpu.image_size == cpu.transfer_size == 99 and cpu.columns == ("finetune", "linear", "knn")
+    assert cpu.milestones[-1] * cpu.batch_size == 128_000  # where fine-tuning first beat random init on a CPU
 
 
 def test_rows_overrides_and_added_rows(table2):
