@@ -78,7 +78,7 @@ def test_cpu_budget_studies_the_small_budgets_images(tmp_path):
     assert a["train_images"] == 2 * 350 and a["val_images"] == 2 * 100
     assert split(tmp_path / "cpu") == split(tmp_path / "small")
     assert cpu.image_size == cpu.transfer_size == 99 and cpu.columns == ("finetune", "linear", "knn")
-    assert cpu.milestones[-1] * cpu.batch_size == 128_000  # where fine-tuning first beat random init on a CPU
+    assert cpu.milestones[-1] * cpu.batch_size == 128_000  # the CPU measurements' last milestone
 
 
 def test_rows_overrides_and_added_rows(table2):

@@ -76,9 +76,9 @@ BUDGETS = {
                     finetune_batch=64, transfer_size=200, voc_steps=(500, 500, 500), voc_size=200,
                     columns=IMAGEFOLDER),
     # the small budget's images at the smoke budget's 99 px: the study on 2 CPU cores, e.g. to try an ablation
-    # before renting a GPU. It runs to 128K images, where fine-tuning from the context encoder was first measured
-    # ahead of random init (docs/feature-study.md); 2,000 steps of one row took 30 min on one core, a fine-tuning
-    # cell 7 min, a linear probe 2 min (two of each side by side on 2 cores)
+    # before renting a GPU. It runs to 128K images, where fine-tuning from the context encoder was measured ahead
+    # of timm's raw init but behind a rescaled random init (docs/feature-study.md); 2,000 steps of one row took 30
+    # min on one core, a fine-tuning cell 7 min, a linear probe 2 min (two of each side by side on 2 cores)
     "cpu": Budget(backbone="alexnet", image_size=99, batch_size=64, milestones=(250, 500, 1000, 2000),
                   train_per_class=350, val_per_class=100, max_megabytes=60, finetune_steps=500, finetune_batch=64,
                   transfer_size=99, voc_steps=(100, 100, 100), voc_size=99, columns=IMAGEFOLDER,
