@@ -36,7 +36,7 @@ import torch
 
 from ce_pretrain.atomic import write_text_atomic
 from transfer.study.budgets import BUDGETS, COLUMNS, ROWS, VOC, StudyError, prepare_data
-from transfer.study.cells import Study, environment, load_cells, run_study
+from transfer.study.cells import Study, check_same_transfer, environment, load_cells, run_study
 from transfer.study.report import format_table, plot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(c in VOC for c in columns) and not Path(args.voc_root).is_dir():
             raise StudyError(f"--voc-root {str(args.voc_root)!r} does not exist (needed by the VOC columns)")
         out = Path(args.output_dir or f"runs/table2-{args.budget}")
+        check_same_transfer(out, args.rescale)
         out.mkdir(parents=True, exist_ok=True)
         manifest = prepare_data(Path(args.data), out / "data", budget)
     except StudyError as err:
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     study = Study(out=out, budget_name=args.budget, budget=budget, rows=rows, columns=columns, seeds=args.seeds,
                   cells=load_cells(out))
     env = environment(args)
-    study.meta = {"environment": env, "data": manifest,
+    study.meta = {"environment": env, "data": manifest, "rescale": args.rescale,
                   "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     started = time.time()
     print(f"feature study, budget {args.budget}: {len(rows)} rows × {len(columns)} columns × {len(args.seeds)} "
@@ -159,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"Feature study, budget `{args.budget}`: {budget.backbone} pretrained at {budget.image_size} px, batch "
               f"{budget.batch_size}, on {manifest['train_images']} images of `{manifest['source']}`; transfer at "
               f"{budget.transfer_size} px, tested on {manifest['val_images']} held-out images; seeds "
-              f"{' '.join(map(str, args.seeds))} (mean ± std); {env['device']}, torch {env['torch']}, timm "
+              f"{' '.join(map(str, args.seeds))} (mean ± std); "
+              f"{'every row rescaled (Krähenbühl) before transfer; ' if args.rescale else ''}"
+              f"{env['device']}, torch {env['torch']}, timm "
               f"{env['timm']}; {study.meta['date']}; {minutes:.0f} min this run.")
     cells = study.current_cells()
     table = format_table(cells, list(rows), list(columns), header)

@@ -167,6 +167,7 @@ def test_a_fine_tuning_cell_cut_short_resumes_from_its_checkpoint(table2, classe
     def forget_the_cell():  # as if the study died after the cell's run ended, before it saved the cell
         results = json.loads((cut / "results.json").read_text())
         del results["cells"][key]
+        del results["rescale"]  # and as if it were older than the check on --rescale
         (cut / "results.json").write_text(json.dumps(results))
 
     forget_the_cell()
@@ -177,6 +178,19 @@ def test_a_fine_tuning_cell_cut_short_resumes_from_its_checkpoint(table2, classe
     assert _study(table2, classes, cut, "--columns", "finetune", "--seeds", "0", "--rescale") == 0
     assert "is of another run: --rescale was False, now True" in capsys.readouterr().out  # so it starts over
     assert json.loads((cut / "results.json").read_text())["cells"][key]["steps"] == BUDGETS["smoke"].finetune_steps
+
+
+def test_a_study_scored_without_rescale_is_not_mixed_with_rescaled_cells(table2, classes, tmp_path, capsys):
+    out = tmp_path / "study"
+    assert _study(table2, classes, out, "--seeds", "0") == 0
+    assert "rescaled" not in (out / "table2.md").read_text()
+    capsys.readouterr()
+    assert _study(table2, classes, out, "--seeds", "0", "--rescale") == 2
+    err = capsys.readouterr().err
+    assert "holds a study scored without --rescale" in err and err.count("\n") == 1
+    assert _study(table2, classes, tmp_path / "rescaled", "--seeds", "0", "--rescale") == 0
+    assert json.loads((tmp_path / "rescaled" / "results.json").read_text())["rescale"] is True
+    assert "every row rescaled (Krähenbühl) before transfer" in (tmp_path / "rescaled" / "table2.md").read_text()
 
 
 @pytest.mark.slow

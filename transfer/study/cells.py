@@ -258,6 +258,19 @@ class Study:
         write_text_atomic(self.out / "results.json", json.dumps(payload, indent=2) + "\n")
 
 
+def check_same_transfer(out: Path, rescale: bool) -> None:
+    """Refuse to add cells to a study in ``out`` whose cells were scored with the other ``--rescale`` setting: cells
+    are keyed by row, seed, images and column only, so the two would be mixed in one table."""
+    path = out / "results.json"
+    try:
+        earlier = json.loads(path.read_text()).get("rescale") if path.is_file() else None
+    except (json.JSONDecodeError, AttributeError):
+        return
+    if earlier is not None and bool(earlier) != rescale:
+        raise StudyError(f"{out} holds a study scored {'with' if earlier else 'without'} --rescale; rerun it "
+                         f"{'with' if earlier else 'without'} --rescale, or give another --output-dir")
+
+
 def load_cells(out: Path) -> dict[str, dict]:
     """The finished cells of an earlier run in ``out`` (none if there is no readable ``results.json``)."""
     path = out / "results.json"
