@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import os
 import shlex
+import signal
 import sys
 import time
 from datetime import datetime, timezone
@@ -35,8 +36,9 @@ from pathlib import Path
 import torch
 
 from ce_pretrain.atomic import write_text_atomic
+from transfer.common.cli import RunInterrupted
 from transfer.study.budgets import BUDGETS, COLUMNS, ROWS, VOC, StudyError, prepare_data
-from transfer.study.cells import Study, check_same_transfer, environment, load_cells, run_study
+from transfer.study.cells import Study, check_same_transfer, environment, load_cells, run_study, stop_children
 from transfer.study.report import format_table, plot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,11 +151,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"feature study, budget {args.budget}: {len(rows)} rows × {len(columns)} columns × {len(args.seeds)} "
           f"seed(s) on {env['device']}; {manifest['train_images']} train / {manifest['val_images']} val images "
           f"({manifest['megabytes']} MB); {len(study.cells)} cell(s) already done", flush=True)
+    terminated = []
+
+    def stop(signum, frame):  # a kill of the study reaches its training processes, which checkpoint and stop
+        terminated.append(stop_children(signum))
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         run_study(study, args, out / "data", log=lambda s: print(s, flush=True))
     except StudyError as err:
         print(f"table2.py: error: {err}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, RunInterrupted) as err:  # the latter: an in-process cell saved its checkpoint
+        # Ctrl-C reaches every process of the terminal's group; a plain `kill` of this one reaches only it
+        stopped = terminated[0] if terminated else stop_children(signal.SIGINT)
+        print(f"table2.py: stopped{f' ({stopped} running process(es) told to save and stop)' if stopped else ''}; "
+              "rerun the same command to continue (finished cells are kept; pretraining and fine-tuning resume from "
+              "their checkpoints)", file=sys.stderr)
+        return getattr(err, "exit_code", 143 if terminated else 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     minutes = (time.time() - started) / 60
     study.meta["minutes_this_run"] = round(minutes, 1)
     study.save()

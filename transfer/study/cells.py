@@ -16,6 +16,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -134,15 +135,36 @@ def pretrain(row: str, flags: list[str], budget: Budget, seed: int, steps: int, 
     log = run_dir / "pretrain.log"
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
-        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
-    if done.returncode:
-        raise StudyError(f"pretraining {row} (seed {seed}) to step {steps} failed (exit {done.returncode}); "
-                         f"see {log}")
+        code = _run_child(cmd, f)
+    if code:
+        raise StudyError(f"pretraining {row} (seed {seed}) to step {steps} failed (exit {code}); see {log}")
     tmp = snap.with_name(f".{snap.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(run_dir / "timm-encoder", tmp)
     os.replace(tmp, snap)
     return snap
+
+
+_CHILDREN: set[subprocess.Popen] = set()  # the study's live pretraining and cell processes
+
+
+def _run_child(cmd: list[str], output) -> int:
+    """Run ``cmd`` to its end with its output in ``output``; :func:`stop_children` can reach it meanwhile."""
+    child = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT)
+    _CHILDREN.add(child)
+    try:
+        return child.wait()
+    finally:
+        _CHILDREN.discard(child)
+
+
+def stop_children(signum: int = signal.SIGTERM) -> int:
+    """Pass ``signum`` on to every live pretraining and cell process (each saves a checkpoint and stops, so a rerun
+    resumes it); returns how many were signalled."""
+    live = [c for c in list(_CHILDREN) if c.poll() is None]
+    for child in live:
+        child.send_signal(signum)
+    return len(live)
 
 
 def _voc_cell(column: str, source: str, budget: Budget, args: argparse.Namespace, seed: int, cell_dir: Path) -> dict:
@@ -385,10 +407,9 @@ def run_cells(study: Study, args: argparse.Namespace, data: Path, cells: list[Ce
         log_path.parent.mkdir(parents=True, exist_ok=True)
         started = time.time()
         with open(log_path, "a") as f:
-            done = subprocess.run([sys.executable, "-m", "transfer.study.cells", json.dumps(spec)], stdout=f,
-                                  stderr=subprocess.STDOUT, check=False)
-        if done.returncode or not result_path.is_file():
-            raise StudyError(f"{cell.key} failed (exit {done.returncode}); see {log_path}")
+            code = _run_child([sys.executable, "-m", "transfer.study.cells", json.dumps(spec)], f)
+        if code or not result_path.is_file():
+            raise StudyError(f"{cell.key} failed (exit {code}); see {log_path}")
         result = json.loads(result_path.read_text())
         with lock:
             _record(study, cell, result, time.time() - started, log)
