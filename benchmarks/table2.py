@@ -38,7 +38,15 @@ import torch
 from ce_pretrain.atomic import write_text_atomic
 from transfer.common.cli import RunInterrupted
 from transfer.study.budgets import BUDGETS, COLUMNS, ROWS, VOC, StudyError, prepare_data
-from transfer.study.cells import Study, check_same_transfer, environment, load_cells, run_study, stop_children
+from transfer.study.cells import (
+    Study,
+    check_same_transfer,
+    environment,
+    load_cells,
+    run_study,
+    stop_children,
+    wait_children,
+)
 from transfer.study.report import format_table, plot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, RunInterrupted) as err:  # the latter: an in-process cell saved its checkpoint
         # Ctrl-C reaches every process of the terminal's group; a plain `kill` of this one reaches only it
         stopped = terminated[0] if terminated else stop_children(signal.SIGINT)
+        wait_children()  # each saves its checkpoint before the study exits
         print(f"table2.py: stopped{f' ({stopped} running process(es) told to save and stop)' if stopped else ''}; "
               "rerun the same command to continue (finished cells are kept; pretraining and fine-tuning resume from "
               "their checkpoints)", file=sys.stderr)

@@ -192,19 +192,22 @@ def test_a_study_scored_without_rescale_is_not_mixed_with_rescaled_cells(table2,
     assert "every row rescaled (Krähenbühl) before transfer" in (tmp_path / "rescaled" / "table2.md").read_text()
 
 
-def test_killing_the_study_makes_its_pretraining_process_checkpoint_and_stop(classes, tmp_path):
+@pytest.mark.parametrize("jobs", ["1", "2"])  # pretraining waited for by the main thread, or by a worker thread
+def test_killing_the_study_makes_its_pretraining_process_checkpoint_and_stop(classes, tmp_path, jobs):
     """SIGTERM to the study reaches the train.py it started (a plain `kill` reaches only the study's own process):
-    the run saves a checkpoint and stops, and the study exits 143 with a line saying how to continue."""
+    the run saves a checkpoint and stops before the study exits 143 with a line saying how to continue."""
     import signal
     import subprocess
     import sys
     import time
 
+    from ce_pretrain.checkpoint import LOCK_NAME
+
     out = tmp_path / "study"
     study = subprocess.Popen(
         [sys.executable, str(SCRIPT), "--budget", "smoke", "--data", str(classes), "--output-dir", str(out),
          "--rows", "ce-region", "--columns", "knn", "--milestones", "5000", "--num-workers", "0", "--cpu",
-         "--cpu-threads", "1", "--pretrain-jobs", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--cpu-threads", "1", "--pretrain-jobs", jobs], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = out / "pretrain" / "ce-region" / "seed0" / "pretrain.log"
     deadline = time.monotonic() + 120
     while not (log.is_file() and "| 3/5000" in log.read_text()) and time.monotonic() < deadline:
@@ -214,6 +217,7 @@ def test_killing_the_study_makes_its_pretraining_process_checkpoint_and_stop(cla
     _, err = study.communicate(timeout=120)
     assert study.returncode == 143, err
     assert "1 running process(es) told to save and stop" in err and "rerun the same command" in err
+    assert not (log.parent / LOCK_NAME).exists()  # train.py had ended (and released its folder) before the study
     assert "SIGTERM: stopping after this step and saving a checkpoint" in log.read_text()
     assert list((out / "pretrain" / "ce-region" / "seed0" / "checkpoints").iterdir())
 

@@ -152,10 +152,9 @@ def _run_child(cmd: list[str], output) -> int:
     """Run ``cmd`` to its end with its output in ``output``; :func:`stop_children` can reach it meanwhile."""
     child = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT)
     _CHILDREN.add(child)
-    try:
-        return child.wait()
-    finally:
-        _CHILDREN.discard(child)
+    code = child.wait()  # a stopping study interrupts this wait, and leaves the child to wait_children()
+    _CHILDREN.discard(child)
+    return code
 
 
 def stop_children(signum: int = signal.SIGTERM) -> int:
@@ -165,6 +164,13 @@ def stop_children(signum: int = signal.SIGTERM) -> int:
     for child in live:
         child.send_signal(signum)
     return len(live)
+
+
+def wait_children() -> None:
+    """Wait until every pretraining and cell process has ended (after :func:`stop_children`: saved its checkpoint)."""
+    for child in list(_CHILDREN):
+        child.wait()
+        _CHILDREN.discard(child)
 
 
 def _voc_cell(column: str, source: str, budget: Budget, args: argparse.Namespace, seed: int, cell_dir: Path) -> dict:
@@ -189,14 +195,14 @@ def _voc_cell(column: str, source: str, budget: Budget, args: argparse.Namespace
     kw.update(model=source, data_root=str(args.voc_root), year=2012, seed=seed, workers=args.num_workers,
               num_workers=args.num_workers, output_dir=str(cell_dir), cpu=args.cpu,
               mixed_precision=None if args.cpu else (args.mixed_precision or budget.mixed_precision))
-    result = _run_resuming(run, Config, kw, cell_dir)
+    result = _run_cell(run, Config, kw, cell_dir)
     return {"score": result[key], "steps": result.get("steps")}
 
 
-def _run_resuming(run, config_class, kw: dict, cell_dir: Path) -> dict:
-    """``run(config_class(**kw))`` for a trained cell (fine-tuning, VOC), resuming what an interrupted study left in
-    ``cell_dir`` (its last checkpoint, or its finished ``results.json``); a cell left with other settings (e.g. the
-    study rerun with ``--rescale``) starts over."""
+def _run_cell(run, config_class, kw: dict, cell_dir: Path, resumable: bool = True) -> dict:
+    """``run(config_class(**kw))``, with only the fields the entry point's config has. A ``resumable`` cell
+    (fine-tuning, VOC) resumes what an interrupted study left in ``cell_dir`` (its last checkpoint, or its finished
+    ``results.json``), and starts over if that was run with other settings; the probes always start over."""
     from transfer.common.cli import UsageError
     from transfer.common.snapshot import latest_checkpoint
 
@@ -205,7 +211,8 @@ def _run_resuming(run, config_class, kw: dict, cell_dir: Path) -> dict:
     def attempt(**how) -> dict:
         return run(config_class(**{k: v for k, v in {**kw, **how}.items() if k in names}))
 
-    if "resume" in names and (latest_checkpoint(cell_dir) is not None or (cell_dir / "results.json").is_file()):
+    if resumable and "resume" in names and (latest_checkpoint(cell_dir) is not None
+                                            or (cell_dir / "results.json").is_file()):
         try:
             return attempt(resume="latest", overwrite=False)
         except UsageError as err:
@@ -225,11 +232,7 @@ def _imagefolder_cell(column: str, source: str, row: str, budget: Budget, args: 
           "mixed_precision": "no" if args.cpu else (args.mixed_precision or budget.mixed_precision),
           "rescale": rescale, "rescale_beta": 0.0 if row == "random-gaussian" else None,
           "max_steps": budget.finetune_steps}
-    if column == "finetune":
-        result = _run_resuming(run, ImageFolderConfig, kw, cell_dir)
-    else:  # the probes train nothing worth resuming
-        names = {f.name for f in dataclasses.fields(ImageFolderConfig)}
-        result = run(ImageFolderConfig(**{k: v for k, v in {**kw, "overwrite": True}.items() if k in names}))
+    result = _run_cell(run, ImageFolderConfig, kw, cell_dir, resumable=column == "finetune")
     return {"score": result["top1"], "top5": result["top5"], "stage": result.get("stage"),
             "steps": result.get("steps")}
 
