@@ -1,4 +1,4 @@
-"""transfer/common/rescale.py: Krähenbühl et al.'s within-layer and between-layer rescaling on real conv nets."""
+"""ce_pretrain/rescale.py: Krähenbühl et al.'s within-layer and between-layer rescaling on real conv nets."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import ce_pretrain  # noqa: F401  (registers the paper's encoders in timm)
-from transfer.common.rescale import gaussian_init_, rescale_, rescaled_layers
+from ce_pretrain.rescale import gaussian_init_, rescale_, rescaled_layers
 
 
 def _homogeneous_net(seed=0):
@@ -118,3 +118,47 @@ def test_gaussian_init_then_data_dependent_init_is_usable(gen):
 def test_a_model_without_layers_is_one_clear_error(gen):
     with pytest.raises(ValueError, match="nothing to rescale"):
         rescale_(nn.Sequential(nn.ReLU()), torch.randn(2, 3, 8, 8, generator=gen), forward=None)
+
+
+def test_resnet_with_zero_initialised_blocks_rescales_to_finite_weights(gen):
+    """timm zero-initialises the last BatchNorm of each residual block, so no gradient reaches the block's convs:
+    their rate of change is 0. It used to enter the geometric mean as log(1e-30) and blow the stem up to NaN."""
+    model = timm.create_model("resnet18", num_classes=0)
+    images = torch.randn(8, 3, 64, 64, generator=gen)
+    report = rescale_(model, images)
+    assert all(math.isfinite(v) for v in report.output_std.values())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    still = [n for n, r in report.rate_ratios.items() if r == 0]
+    assert len(still) == 16 and "layer1.0.conv2" in still  # both convs of every block
+    moving = [r for r in report.rate_ratios.values() if r > 0]
+    assert max(moving) / min(moving) < 1.5  # the stem and the shortcuts were equalised
+    with torch.no_grad():
+        assert float(model.forward_features(images).std()) > 0.1
+
+
+def test_non_finite_result_restores_the_weights_and_says_where(gen):
+    model = timm.create_model("alexnet", num_classes=0)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randn(4, 3, 99, 99, generator=gen)
+    images[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite activations from layer features.0"):
+        rescale_(model, images)
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
+def test_context_encoder_rescaling_touches_the_encoder_only(gen):
+    from ce_pretrain import ContextEncoder
+    from ce_pretrain.rescale import rescale_encoder_
+
+    torch.manual_seed(0)
+    model = ContextEncoder(backbone="alexnet", image_size=99)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.rand(8, 3, 99, 99, generator=gen)  # pixels in [0, 1]: normalised as the model does
+    with torch.no_grad():
+        small = float(model.encoder(model.normalize(images)).std())
+    report = rescale_encoder_(model, images)
+    assert len(report.layers) == 5
+    changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed == {"encoder"}
+    with torch.no_grad():
+        assert float(model.encoder(model.normalize(images)).std()) > 5 * small  # timm's AlexNet starts at ~0.04

@@ -29,6 +29,7 @@ import torch
 
 from ce_pretrain.atomic import write_text_atomic
 from ce_pretrain.host_memory import retain_freed_memory
+from ce_pretrain.rescale import rescale_
 from transfer.common.checkpoint import EncoderCheckpoint, load_encoder
 from transfer.common.cli import (
     RunFlags,
@@ -38,7 +39,6 @@ from transfer.common.cli import (
     claim_output_dir,
     run_main,
 )
-from transfer.common.rescale import rescale_
 
 from .data import ImageFolderError, LabelledImages, eval_transform, scan, stratified_split
 from .probes import (

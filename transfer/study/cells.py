@@ -50,7 +50,7 @@ def initialisation(row: str, budget: Budget, seed: int, dst: Path) -> Path:
     import timm
 
     import ce_pretrain  # noqa: F401  (registers the paper's encoders in timm)
-    from transfer.common.rescale import gaussian_init_
+    from ce_pretrain.rescale import gaussian_init_
 
     if not (dst / "model.safetensors").is_file():
         torch.manual_seed(seed)

@@ -19,6 +19,9 @@ users can check that for their own encoders, and it turns the paper's "random Ga
 initialisation. Layers followed by BatchNorm are rescaled too, but BatchNorm undoes most of it.
 
     rescale_(model, images)            # the one-line hook for any transfer entry point
+
+Pretraining can start from a rescaled encoder too (``train.py --encoder-init rescale``,
+:func:`rescale_encoder_`), so that a context encoder starts where the rescaled random baseline starts.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["RescaleReport", "gaussian_init_", "rescale_", "rescaled_layers"]
+__all__ = ["RescaleReport", "gaussian_init_", "rescale_", "rescale_encoder_", "rescaled_layers"]
 
 _LAYERS = (nn.Conv2d, nn.Linear)
 
@@ -153,15 +156,23 @@ def _between_layer(layers: list[tuple[str, nn.Module]], forward: Callable, image
         for h in hooks:
             h.remove()
     out_std = _mean_output_std(out)
+    # a layer no gradient reaches (one followed by a BatchNorm whose scale is 0, as timm zero-initialises the last
+    # BatchNorm of each residual block) has no rate of change to equalise: it keeps its scale and stays out of the
+    # mean, which its log(0) would otherwise drag to -inf and blow every other layer up
+    moving = [r > 0 and math.isfinite(r) for r in ratios]
+    if not any(moving):
+        return ratios, 0
     done = 0
     for done in range(1, iterations + 1):
-        log_r = torch.tensor(ratios).clamp(min=1e-30).log()
+        log_r = torch.tensor([r if m else 1.0 for r, m in zip(ratios, moving)]).log()
+        active = log_r[torch.tensor(moving)]
         # geometric mean, times out_std^(1/L): the product of all scales then brings the output std to 1
-        log_target = float(log_r.mean()) + math.log(max(out_std, 1e-30)) / len(ratios)
-        if log_target != 0 and bool(((log_r / log_target - 1).abs() < tolerance).all()):
+        log_target = float(active.mean()) + math.log(max(out_std, 1e-30)) / len(active)
+        if log_target != 0 and bool(((active / log_target - 1).abs() < tolerance).all()):
             done -= 1
             break
-        scale = {m: math.exp((float(lr) - log_target) / 2) for m, lr in zip(modules, log_r)}
+        scale = {m: math.exp((float(lr) - log_target) / 2) if move else 1.0
+                 for m, lr, move in zip(modules, log_r, moving)}
 
         def adjust(mod, inputs, scale=scale):
             # earlier layers of this same pass are already rescaled: the bias follows its input's new scale
@@ -203,6 +214,10 @@ def rescale_(model: nn.Module, images: torch.Tensor, *, within_layer: bool = Tru
 
     Returns:
         A :class:`RescaleReport`.
+
+    Raises:
+        ValueError: the model runs no conv / linear layer, or the rescaled model's activations are not finite
+            (its weights are then restored).
     """
     forward = forward or _default_forward(model)
     was_training = model.training
@@ -212,6 +227,7 @@ def rescale_(model: nn.Module, images: torch.Tensor, *, within_layer: bool = Tru
         if not layers:
             raise ValueError(f"{type(model).__name__} runs no Conv2d or Linear layer: nothing to rescale")
         report = RescaleReport(layers=[n for n, _ in layers])
+        before = [[p.detach().clone() for p in layer.parameters(recurse=False)] for _, layer in layers]
         if within_layer:
             _within_layer(layers, forward, images, beta, eps)
         if between_layer:
@@ -221,6 +237,14 @@ def rescale_(model: nn.Module, images: torch.Tensor, *, within_layer: bool = Tru
         for name, layer in layers:
             out = _output_of(layer, forward, images)
             report.output_std[name] = float(_channel_stats(out, _channel_dim(layer))[1].mean())
+        broken = [name for name, std in report.output_std.items() if not math.isfinite(std)]
+        if broken:  # leave the model as it came, and say where it went wrong
+            with torch.no_grad():
+                for (_, layer), saved in zip(layers, before):
+                    for p, old in zip(layer.parameters(recurse=False), saved):
+                        p.copy_(old)
+            raise ValueError(f"rescaling {type(model).__name__} gave non-finite activations from layer {broken[0]} "
+                             "on; the weights were left as they were (are the calibration images finite?)")
     finally:
         model.train(was_training)
     return report
@@ -240,3 +264,12 @@ def gaussian_init_(model: nn.Module, std: float = 0.01, seed: int = 0) -> nn.Mod
             if module.bias is not None:
                 module.bias.zero_()
     return model
+
+
+def rescale_encoder_(model: nn.Module, images: torch.Tensor, seed: int = 0) -> RescaleReport:
+    """Rescale a :class:`~ce_pretrain.ContextEncoder`'s encoder in place from ``images`` ``[N, 3, H, W]`` in
+    [0, 1] (whole images, normalised here as the model does), as a transfer's ``--rescale`` would rescale the same
+    backbone; the bottleneck and decoder are left as they are.
+    """
+    encoder = model.encoder
+    return rescale_(encoder, model.normalize(images), forward=encoder, seed=seed)
