@@ -19,8 +19,8 @@ from .layers import DECODER_NORMS
 from .masks import TRAIN_MASK_KINDS
 from .schedule import SCHEDULES
 
-__all__ = ["DEMO_BATCH_SIZE", "DEMO_MAX_STEPS", "PRESETS", "ConfigError", "TrainConfig", "build_parser",
-           "check_backbone_size", "default_image_size", "parse_duration", "resolve_config", "validate"]
+__all__ = ["DEMO_BATCH_SIZE", "DEMO_MAX_STEPS", "ENCODER_INITS", "PRESETS", "ConfigError", "TrainConfig",
+           "build_parser", "check_backbone_size", "default_image_size", "parse_duration", "resolve_config", "validate"]
 
 PRESETS: dict[str, dict] = {
     # §5.2: AlexNet from scratch, random-region masks, L2 only (the adversarial loss diverged with AlexNet),
@@ -39,6 +39,8 @@ DEMO_BATCH_SIZE = 16
 MASK_CHOICES = TRAIN_MASK_KINDS
 # torch.compile modes --compile takes ("reduce-overhead" captures CUDA graphs)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# the encoder's weights at step 0: the backbone's own initialisation (timm's), or that rescaled from real images
+ENCODER_INITS = ("backbone", "rescale")
 
 
 class ConfigError(ValueError):
@@ -67,6 +69,7 @@ class TrainConfig:
     augment: str = "crop"
     decoder_norm: str = "batch"
     fc_dropout: float = 0.5
+    encoder_init: str = "backbone"
     batch_size: int = 64
     max_steps: int = 100_000
     lr: float = 1e-4
@@ -175,6 +178,11 @@ def build_parser(prog: str = "ce_pretrain/train.py") -> argparse.ArgumentParser:
     g.add_argument("--fc-dropout", type=float,
                    help="dropout on the channel-wise fully-connected layer (§5.2: 0.5); 0 disables it; stored in "
                         "the model's config.json; default 0.5")
+    g.add_argument("--encoder-init", choices=ENCODER_INITS, default="backbone",
+                   help="the encoder's weights at step 0: the backbone's own random initialisation (timm's), or "
+                        "that initialisation rescaled on 64 training images (Krähenbühl et al., ICLR 2016; the "
+                        "transfer's --rescale), so that pretraining starts where the rescaled random baseline "
+                        "starts; a resumed run takes its weights from the checkpoint either way")
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch-size", type=int,
                    help=f"images per process per step; default: the preset's (64), or {DEMO_BATCH_SIZE} on the "
@@ -284,7 +292,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         mask_shapes=args.mask_shapes,
         mask_source=args.mask_source, loss=args.loss, high_pass_weight=args.high_pass_weight,
         discriminator_lr=args.discriminator_lr,
-        augment=args.augment, decoder_norm=args.decoder_norm,
+        augment=args.augment, decoder_norm=args.decoder_norm, encoder_init=args.encoder_init,
         fc_dropout=0.5 if args.fc_dropout is None else args.fc_dropout, lr_schedule=args.lr_schedule,
         warmup_steps=args.warmup_steps, schedule_steps=args.schedule_steps,
         weight_decay=args.weight_decay, gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -334,6 +342,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {cfg.lr_schedule!r}")
     if cfg.augment not in AUGMENTS:
         raise ConfigError(f"--augment must be one of {', '.join(AUGMENTS)}, got {cfg.augment!r}")
+    if cfg.encoder_init not in ENCODER_INITS:
+        raise ConfigError(f"--encoder-init must be one of {', '.join(ENCODER_INITS)}, got {cfg.encoder_init!r}")
     if cfg.decoder_norm not in DECODER_NORMS:
         raise ConfigError(f"--decoder-norm must be one of {', '.join(DECODER_NORMS)}, got {cfg.decoder_norm!r}")
     if not (cfg.high_pass_weight >= 0 and math.isfinite(cfg.high_pass_weight)):

@@ -47,12 +47,15 @@ from .schedule import lr_factor
 from .stopping import StopRequest, agreed, describe, exit_status
 from .tracking import make_trackers, tracker_config
 
-__all__ = ["STOP_SYNC_EVERY", "check_nonfinite", "claim_output_dir", "ensure_finite_weights", "finish",
-           "make_accelerator", "make_loader", "resume", "run", "should_stop", "train_loop"]
+__all__ = ["RESCALE_IMAGES", "STOP_SYNC_EVERY", "check_nonfinite", "checkpoint_to_resume", "claim_output_dir",
+           "ensure_finite_weights", "finish", "fixed_images", "make_accelerator", "make_loader", "resume", "run",
+           "should_stop", "train_loop"]
 
 # steps between the all-reduces by which several processes agree to stop (a signal, --max-time): a 4-byte
 # collective that waits for the device, so not every step; one process decides alone, every step, for free
 STOP_SYNC_EVERY = 10
+# training crops on which --encoder-init rescale calibrates the encoder (as the transfer's --rescale-images)
+RESCALE_IMAGES = 64
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -98,11 +101,18 @@ def claim_output_dir(cfg: TrainConfig) -> RunLock | None:
     return lock
 
 
+def checkpoint_to_resume(cfg: TrainConfig) -> Path | None:
+    """The checkpoint this run continues from, or ``None`` when it starts from step 0."""
+    if not cfg.resume:
+        return None
+    return latest_checkpoint(cfg.output_dir) if cfg.resume == "latest" else Path(cfg.resume)
+
+
 def resume(accelerator: Accelerator, cfg: TrainConfig, state: TrainState) -> None:
     """Restore models, optimisers, RNGs and ``state`` from ``cfg.resume`` (``"latest"`` or a folder), if asked."""
     if not cfg.resume:
         return
-    ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume == "latest" else Path(cfg.resume)
+    ckpt = checkpoint_to_resume(cfg)
     if ckpt is None:
         accelerator.print(f"no checkpoint in {checkpoint_dir(cfg.output_dir)}; starting from scratch")
         return
@@ -144,18 +154,23 @@ def _leave_signals_to_the_main_process(_worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def fixed_images(cfg: TrainConfig, items, image_column: str | None, n: int) -> torch.Tensor:
+    """Up to ``n`` training crops, the same on every call and every process: float ``[N, 3, S, S]`` in [0, 1]."""
+    if cfg.streaming:
+        stream = StreamingImageDataset(items, cfg.image_size, image_column, seed=cfg.seed + 1, buffer_size=1)
+        crops = [crop for crop, _ in itertools.islice(iter(stream), n)]
+    else:
+        dataset = ImageDataset(items, cfg.image_size, seed=cfg.seed, image_column=image_column)
+        n = min(n, len(dataset))  # spread over the (sorted) data: not n images of its first folder
+        crops = [dataset[(0, i * len(dataset) // n)][0] for i in range(n)]
+    return torch.from_numpy(np.stack(crops)).float().div(255)
+
+
 def sample_batch(cfg: TrainConfig, items, image_column: str | None, objective: ContextEncoderObjective,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed batch with fixed masks for the sample grids, so that they are comparable over time."""
-    if cfg.streaming:
-        stream = StreamingImageDataset(items, cfg.image_size, image_column, seed=cfg.seed + 1, buffer_size=1)
-        vis = [crop for crop, _ in itertools.islice(iter(stream), 6)]
-    else:
-        dataset = ImageDataset(items, cfg.image_size, seed=cfg.seed, image_column=image_column)
-        n = min(6, len(dataset))  # spread over the (sorted) data: not six images of its first folder
-        vis = [dataset[(0, i * len(dataset) // n)][0] for i in range(n)]
-    images = torch.from_numpy(np.stack(vis)).to(device).float().div(255)
-    return images, objective.masks(len(vis), cfg.seed, device)
+    images = fixed_images(cfg, items, image_column, 6).to(device)
+    return images, objective.masks(len(images), cfg.seed, device)
 
 
 def should_stop(accelerator: Accelerator, stop: StopRequest | None, step: int) -> int:
@@ -351,7 +366,10 @@ def _run(cfg: TrainConfig, items, image_column: str | None, description: str, re
     accelerator.print(f"data: {description}")
     set_seed(cfg.seed)
     shapes = ShapeBank.from_folder(cfg.mask_shapes) if cfg.mask_shapes else None
-    objective = ContextEncoderObjective.build(cfg, accelerator, shapes)
+    # --encoder-init rescale: calibrate the encoder on real images before the first step (not when resuming)
+    init_images = fixed_images(cfg, items, image_column, RESCALE_IMAGES) \
+        if cfg.encoder_init == "rescale" and checkpoint_to_resume(cfg) is None else None
+    objective = ContextEncoderObjective.build(cfg, accelerator, shapes, init_images=init_images)
     state = TrainState()  # saved as JSON in run.json, not registered with accelerate (that would be a pickle)
     resume(accelerator, cfg, state)
     if not cfg.cuda_graph:  # a --cuda-graph checkpoint stores its rates as tensors

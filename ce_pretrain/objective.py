@@ -15,6 +15,7 @@ from .discriminator import Discriminator
 from .losses import ReconstructionLoss, discriminator_loss, generator_adversarial_loss, joint_loss
 from .masks import MaskRule, ShapeBank
 from .model import ContextEncoder
+from .rescale import rescale_encoder_
 
 __all__ = ["ContextEncoderObjective", "NonFiniteMonitor", "all_finite", "step_seed"]
 
@@ -104,16 +105,24 @@ class ContextEncoderObjective:
         return found
 
     @classmethod
-    def build(cls, cfg: TrainConfig, accelerator, shapes: ShapeBank | None = None) -> ContextEncoderObjective:
+    def build(cls, cfg: TrainConfig, accelerator, shapes: ShapeBank | None = None,
+              init_images: torch.Tensor | None = None) -> ContextEncoderObjective:
         """Models, optimisers and mask rule of a run, prepared by ``accelerator``.
 
         Args:
             cfg: the run's configuration.
             accelerator: the run's ``Accelerator``.
             shapes: object silhouettes for random regions (``--mask-shapes``); default: ``cfg.mask_source``.
+            init_images: training crops ``[N, 3, S, S]`` in [0, 1] on which the new encoder is rescaled
+                (``--encoder-init rescale``), the same on every process; ``None`` keeps the backbone's init.
         """
         memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
         model = ContextEncoder(**cfg.model_kwargs()).to(memory_format=memory)
+        if init_images is not None:
+            model.to(accelerator.device)
+            report = rescale_encoder_(model, init_images.to(accelerator.device), seed=cfg.seed)
+            accelerator.print(f"encoder init: {cfg.backbone}'s, rescaled on {len(init_images)} training images "
+                              f"(Krähenbühl et al.; {len(report.layers)} layers)")
         rule = model.mask_rule
         rule.source = shapes if shapes is not None else cfg.mask_source
         fused = _fused_adam(accelerator)

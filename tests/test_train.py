@@ -80,7 +80,7 @@ def test_killed_run_resumes_to_identical_weights(image_folder, tmp_path):
 
 
 ABLATION = ["--augment", "rrc+jitter", "--lr-schedule", "cosine", "--warmup-steps", "2", "--schedule-steps", "6",
-            "--decoder-norm", "none", "--fc-dropout", "0.2", "--lr", "1e-3"]
+            "--decoder-norm", "none", "--fc-dropout", "0.2", "--lr", "1e-3", "--encoder-init", "rescale"]
 
 
 def _same_weights(a_dir, b_dir):
@@ -94,9 +94,10 @@ def test_ablation_knobs_resume_to_identical_weights(image_folder, tmp_path):
     common = ["--data", str(image_folder), "--checkpoint-every", "2", "--seed", "3", "--max-steps", "6", *TINY,
               *ABLATION]
     ref, resumed = tmp_path / "ref", tmp_path / "resumed"
-    run(*common, "--output-dir", str(ref))
+    first = run(*common, "--output-dir", str(ref))
+    assert "rescaled on 12 training images" in first.stdout  # --encoder-init rescale, at step 0 only
     proc = run(*common, "--output-dir", str(resumed), "--resume", str(ref / "checkpoints" / "step_00000004"))
-    assert "at step 4" in proc.stdout + proc.stderr
+    assert "at step 4" in proc.stdout + proc.stderr and "rescaled on" not in proc.stdout
     assert _same_weights(ref, resumed), "resumed weights differ from the uninterrupted run"
     assert losses(ref)[-2:] == losses(resumed)
     with open(ref / "logs" / "ce_pretrain" / "metrics.csv") as f:
@@ -106,7 +107,8 @@ def test_ablation_knobs_resume_to_identical_weights(image_folder, tmp_path):
     model = ContextEncoder.from_pretrained(str(ref))
     assert model.config["decoder_norm"] == "none" and model.config["dropout"] == 0.2
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.decoder.modules())
-    assert json.loads((ref / "train_summary.json").read_text())["config"]["augment"] == "rrc+jitter"
+    config = json.loads((ref / "train_summary.json").read_text())["config"]
+    assert config["augment"] == "rrc+jitter" and config["encoder_init"] == "rescale"
 
 
 @pytest.mark.slow
@@ -164,7 +166,7 @@ def test_bad_flags_stop_at_once_with_one_line(args, message, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args", [["--augment", "mixup"], ["--lr-schedule", "step"], ["--decoder-norm", "layer"],
-                                  ["--warmup-steps", "ten"]])
+                                  ["--warmup-steps", "ten"], ["--encoder-init", "kaiming"]])
 def test_bad_choices_are_one_line_exit_2(args, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*args, "--output-dir", str(tmp_path / "never")])
