@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from transfer.imagefolder.data import ImageFolderError, scan, stratified_split
+from transfer.imagefolder.data import ImageFolderError, per_class_subset, scan, stratified_split
 from transfer.imagefolder.probes import (
     channel_health,
     classification_metrics,
@@ -165,6 +165,30 @@ def test_holdout_of_one_folder_and_rescale(folders, tmp_path):
     assert result["rescale"]["layers"][0] == "features.0"
 
 
+def test_per_class_subset_is_seeded_nested_and_per_class():
+    samples = [(f"{c}/{i}.jpg", c) for c in range(3) for i in range(10 - 3 * c)]  # 10, 7 and 4 images
+    two = per_class_subset(samples, 2, seed=5)
+    assert [sum(1 for _, y in two if y == c) for c in range(3)] == [2, 2, 2]
+    assert two == per_class_subset(list(reversed(samples)), 2, seed=5)  # the order of the scan does not matter
+    assert set(two) <= set(per_class_subset(samples, 3, seed=5))  # more labels keep the fewer ones
+    assert two != per_class_subset(samples, 2, seed=6)
+    assert len(per_class_subset(samples, 6, seed=0)) == 6 + 6 + 4  # a class with fewer keeps them all
+    # one class's draw does not depend on the others
+    assert [s for s in two if s[1] == 0] == [s for s in per_class_subset(samples[:10], 2, seed=5)]
+    with pytest.raises(ImageFolderError, match="at least 1"):
+        per_class_subset(samples, 0)
+
+
+def test_labels_per_class_uses_that_many_labels_and_keeps_the_validation_set(folders, tmp_path):
+    result = run(_cfg(folders[0], folders[1], "knn", labels_per_class=3, output_dir=str(tmp_path / "few")))
+    assert result["train_images"] == 9 and result["val_images"] == 9
+    assert result["config"]["labels_per_class"] == 3
+    held = run(ImageFolderConfig(model="random:alexnet", train=str(folders[0]), holdout=0.25, labels_per_class=2,
+                                 mode="knn", image_size=67, batch_size=8, num_workers=0,
+                                 output_dir=str(tmp_path / "held")))
+    assert held["train_images"] == 6 and held["val_images"] == 6  # the hold-out is carved out first
+
+
 @pytest.mark.slow
 def test_finetune_mode_trains_and_reports(folders, tmp_path):
     out = tmp_path / "ft"
@@ -183,3 +207,6 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, folders, capsys):
     assert main(["--model", "random:alexnet", "--train", str(folders[0]), "--holdout", "0.2", "--image-size",
                  "32", "--num-workers", "0", *out]) == 2
     assert "too small" in capsys.readouterr().err
+    assert main(["--model", "random:alexnet", "--train", str(folders[0]), "--holdout", "0.2", "--labels-per-class",
+                 "0", "--num-workers", "0", *out]) == 2
+    assert "--labels-per-class must be at least 1" in capsys.readouterr().err

@@ -12,7 +12,8 @@ from torchvision.transforms import v2 as T
 
 from ce_pretrain.data import IMAGE_EXTENSIONS, load_rgb
 
-__all__ = ["ImageFolderError", "LabelledImages", "eval_transform", "scan", "stratified_split", "train_transform"]
+__all__ = ["ImageFolderError", "LabelledImages", "eval_transform", "per_class_subset", "scan", "stratified_split",
+           "train_transform"]
 
 Sample = tuple[Path, int]
 
@@ -69,6 +70,24 @@ def stratified_split(samples: Sequence[Sample], fraction: float, seed: int = 0) 
         held += items[:n]
         rest += items[n:]
     return sorted(rest), sorted(held)
+
+
+def per_class_subset(samples: Sequence[Sample], n: int, seed: int = 0) -> list[Sample]:
+    """At most ``n`` images of every class of ``samples`` (a draw fixed by ``seed``): the few-label regime.
+
+    The draw does not depend on the other classes, and a larger ``n`` keeps the images of a smaller one.
+    """
+    if n < 1:
+        raise ImageFolderError(f"--labels-per-class must be at least 1, got {n}")
+    by_class: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s[1], []).append(s)
+    kept = []
+    for label in sorted(by_class):
+        items = sorted(by_class[label])
+        random.Random(f"{seed}/{label}").shuffle(items)
+        kept += items[:n]
+    return sorted(kept)
 
 
 def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:

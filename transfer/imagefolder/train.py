@@ -40,7 +40,7 @@ from transfer.common.cli import (
     run_main,
 )
 
-from .data import ImageFolderError, LabelledImages, eval_transform, scan, stratified_split
+from .data import ImageFolderError, LabelledImages, eval_transform, per_class_subset, scan, stratified_split
 from .probes import (
     WEIGHT_DECAYS,
     StageFeatures,
@@ -68,6 +68,7 @@ class ImageFolderConfig(RunFlags):
     mode: str = "knn"
     val: str | None = None
     holdout: float | None = None
+    labels_per_class: int | None = None
     output_dir: str = "runs/imagefolder"
     image_size: int | None = None
     batch_size: int = 64
@@ -93,6 +94,8 @@ def _splits(cfg: ImageFolderConfig) -> tuple[list, list, list[str]]:
         val, _ = scan(cfg.val, classes)
     if len(classes) < 2:
         raise ImageFolderError(f"{cfg.train!r} has one class folder; classification needs at least two")
+    if cfg.labels_per_class is not None:  # after the hold-out: the validation images stay the same for every n
+        train = per_class_subset(train, cfg.labels_per_class, cfg.seed)
     return train, val, classes
 
 
@@ -173,7 +176,7 @@ def run(cfg: ImageFolderConfig) -> dict:
     if (cfg.val is None) == (cfg.holdout is None):
         raise ImageFolderError("give exactly one of --val DIR and --holdout FRACTION")
     check_positive(batch_size=cfg.batch_size, k=cfg.k, rescale_images=cfg.rescale_images, epochs=cfg.epochs,
-                   max_steps=cfg.max_steps, image_size=cfg.image_size)
+                   max_steps=cfg.max_steps, image_size=cfg.image_size, labels_per_class=cfg.labels_per_class)
     out = check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
     # fine-tuning claims the folder in the engine's fit(); the probes hold it here
     claim = contextlib.nullcontext(out) if cfg.mode == "finetune" else claim_output_dir(
@@ -211,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--val", metavar="DIR", help="validation images, the same class sub-folders")
     data.add_argument("--holdout", type=float, metavar="FRACTION",
                       help="validate on this fraction of every class of --train instead")
+    p.add_argument("--labels-per-class", type=int, metavar="N",
+                   help="use only N labelled training images of each class (a draw fixed by --seed; after "
+                        "--holdout): the few-label regime, where better starting weights should matter most")
     p.add_argument("--mode", choices=MODES, default="knn")
     p.add_argument("--image-size", type=int, help="crop side (default: the pretraining size)")
     p.add_argument("--batch-size", type=int, default=64)
