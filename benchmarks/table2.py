@@ -99,6 +99,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrain-override", action="append", metavar='ROW="FLAGS"',
                    help="append ce_pretrain.train flags to a row, e.g. ce-region=\"--lr 1e-3\"")
     p.add_argument("--rescale", action="store_true", help="Krähenbühl rescaling before every ImageFolder transfer")
+    p.add_argument("--labels-per-class", type=int, metavar="N",
+                   help="ImageFolder columns with only N labelled training images per class (a draw fixed by the "
+                        "seed; the test images stay the same): the few-label regime. Default: every training image")
+    p.add_argument("--finetune-steps", type=int, metavar="N",
+                   help="fine-tuning steps of the finetune column (default: the budget's); fewer suit fewer labels")
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even if a GPU is present")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="on a GPU; default: the budget's")
     p.add_argument("--pretrain-jobs", type=int, default=1, metavar="N",
@@ -125,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         budget = BUDGETS[args.budget]
-        for flag in ("pretrain_jobs", "transfer_jobs"):
-            if getattr(args, flag) < 1:
+        for flag in ("pretrain_jobs", "transfer_jobs", "labels_per_class", "finetune_steps"):
+            if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise StudyError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
         if args.milestones:
             if any(m < 1 for m in args.milestones):
@@ -137,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         if any(c in VOC for c in columns) and not Path(args.voc_root).is_dir():
             raise StudyError(f"--voc-root {str(args.voc_root)!r} does not exist (needed by the VOC columns)")
         out = Path(args.output_dir or f"runs/table2-{args.budget}")
-        check_same_transfer(out, args.rescale)
+        transfer = {"rescale": args.rescale, "labels_per_class": args.labels_per_class,
+                    "finetune_steps": args.finetune_steps}
+        check_same_transfer(out, transfer)
         out.mkdir(parents=True, exist_ok=True)
         manifest = prepare_data(Path(args.data), out / "data", budget)
     except StudyError as err:
@@ -153,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     study = Study(out=out, budget_name=args.budget, budget=budget, rows=rows, columns=columns, seeds=args.seeds,
                   cells=load_cells(out))
     env = environment(args)
-    study.meta = {"environment": env, "data": manifest, "rescale": args.rescale,
+    study.meta = {"environment": env, "data": manifest, "rescale": args.rescale, "transfer": transfer,
                   "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     started = time.time()
     print(f"feature study, budget {args.budget}: {len(rows)} rows × {len(columns)} columns × {len(args.seeds)} "
@@ -189,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{budget.transfer_size} px, tested on {manifest['val_images']} held-out images; seeds "
               f"{' '.join(map(str, args.seeds))} (mean ± std); "
               f"{'every row rescaled (Krähenbühl) before transfer; ' if args.rescale else ''}"
+              f"{f'{args.labels_per_class} labelled images per class; ' if args.labels_per_class else ''}"
+              f"{f'fine-tuned {args.finetune_steps} steps; ' if args.finetune_steps else ''}"
               f"{env['device']}, torch {env['torch']}, timm "
               f"{env['timm']}; {study.meta['date']}; {minutes:.0f} min this run.")
     cells = study.current_cells()

@@ -192,6 +192,27 @@ def test_a_study_scored_without_rescale_is_not_mixed_with_rescaled_cells(table2,
     assert "every row rescaled (Krähenbühl) before transfer" in (tmp_path / "rescaled" / "table2.md").read_text()
 
 
+def test_few_labels_and_fine_tuning_length_reach_every_cell_and_are_never_mixed(table2, classes, tmp_path, capsys):
+    out = tmp_path / "few"
+    assert _study(table2, classes, out, "--seeds", "0", "--columns", "knn", "finetune", "--labels-per-class", "2",
+                  "--finetune-steps", "2", "--transfer-jobs", "2") == 0  # the cells run in processes of their own
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["transfer"] == {"rescale": False, "labels_per_class": 2, "finetune_steps": 2}
+    for column in ("knn", "finetune"):
+        cell = json.loads((out / "cells" / f"random-timm_seed0_images0_{column}" / "results.json").read_text())
+        assert cell["train_images"] == 3 * 2, column  # 3 classes
+    assert saved["cells"]["random-timm/seed0/images0/finetune"]["steps"] == 2
+    assert "2 labelled images per class; fine-tuned 2 steps" in (out / "table2.md").read_text()
+    capsys.readouterr()
+    for other in (["--labels-per-class", "3", "--finetune-steps", "2"], ["--finetune-steps", "2"],
+                  ["--labels-per-class", "2"]):
+        assert _study(table2, classes, out, "--seeds", "0", *other) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "holds a study scored" in err, other
+    assert _study(table2, classes, out, "--seeds", "0", "--labels-per-class", "0") == 2
+    assert "--labels-per-class must be at least 1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("jobs", ["1", "2"])  # pretraining waited for by the main thread, or by a worker thread
 def test_killing_the_study_makes_its_pretraining_process_checkpoint_and_stop(classes, tmp_path, jobs):
     """SIGTERM to the study reaches the train.py it started (a plain `kill` reaches only the study's own process):

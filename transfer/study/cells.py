@@ -231,7 +231,8 @@ def _imagefolder_cell(column: str, source: str, row: str, budget: Budget, args: 
           "num_workers": args.num_workers, "seed": seed, "cpu": args.cpu,
           "mixed_precision": "no" if args.cpu else (args.mixed_precision or budget.mixed_precision),
           "rescale": rescale, "rescale_beta": 0.0 if row == "random-gaussian" else None,
-          "max_steps": budget.finetune_steps}
+          "labels_per_class": getattr(args, "labels_per_class", None),
+          "max_steps": getattr(args, "finetune_steps", None) or budget.finetune_steps}
     result = _run_cell(run, ImageFolderConfig, kw, cell_dir, resumable=column == "finetune")
     return {"score": result["top1"], "top5": result["top5"], "stage": result.get("stage"),
             "steps": result.get("steps")}
@@ -283,17 +284,35 @@ class Study:
         write_text_atomic(self.out / "results.json", json.dumps(payload, indent=2) + "\n")
 
 
-def check_same_transfer(out: Path, rescale: bool) -> None:
-    """Refuse to add cells to a study in ``out`` whose cells were scored with the other ``--rescale`` setting: cells
-    are keyed by row, seed, images and column only, so the two would be mixed in one table."""
+# transfer settings a study applies to every cell, recorded in results.json; cells are not keyed by them
+TRANSFER_SETTINGS = {"rescale": "--rescale", "labels_per_class": "--labels-per-class",
+                     "finetune_steps": "--finetune-steps"}
+
+
+def _describe(key: str, value) -> str:
+    if key == "rescale":
+        return f"{'with' if value else 'without'} --rescale"
+    return f"{TRANSFER_SETTINGS[key]} {value}" if value is not None else f"without {TRANSFER_SETTINGS[key]}"
+
+
+def check_same_transfer(out: Path, settings: dict) -> None:
+    """Refuse to add cells to a study in ``out`` whose cells were scored with other transfer ``settings`` (the keys
+    of :data:`TRANSFER_SETTINGS`; ``None`` / ``False`` = the budget's default): cells are keyed by row, seed,
+    images and column only, so the two would be mixed in one table. A folder from before a setting was recorded
+    had that setting's default (``rescale`` was recorded first, at the top level)."""
     path = out / "results.json"
     try:
-        earlier = json.loads(path.read_text()).get("rescale") if path.is_file() else None
-    except (json.JSONDecodeError, AttributeError):
+        saved = json.loads(path.read_text()) if path.is_file() else None
+        earlier = None if saved is None else {"rescale": saved.get("rescale"), **saved.get("transfer", {})}
+    except (json.JSONDecodeError, AttributeError, TypeError):
         return
-    if earlier is not None and bool(earlier) != rescale:
-        raise StudyError(f"{out} holds a study scored {'with' if earlier else 'without'} --rescale; rerun it "
-                         f"{'with' if earlier else 'without'} --rescale, or give another --output-dir")
+    if earlier is None or earlier.get("rescale") is None:  # no study yet, or one older than any of these records
+        return
+    for key in TRANSFER_SETTINGS:
+        before, now = earlier.get(key), settings.get(key)
+        if (bool(before) != bool(now)) if key == "rescale" else before != now:
+            raise StudyError(f"{out} holds a study scored {_describe(key, before)}; rerun it "
+                             f"{_describe(key, before)}, or give another --output-dir")
 
 
 def load_cells(out: Path) -> dict[str, dict]:
@@ -383,7 +402,8 @@ def cell_dir(study: Study, key: str) -> Path:
 
 
 # what a cell process needs of the study's command line
-_CELL_ARGS = ("rescale", "cpu", "mixed_precision", "num_workers", "voc_root", "cpu_threads")
+_CELL_ARGS = ("rescale", "labels_per_class", "finetune_steps", "cpu", "mixed_precision", "num_workers", "voc_root",
+              "cpu_threads")
 
 
 def run_cells(study: Study, args: argparse.Namespace, data: Path, cells: list[Cell], jobs: int, log=print) -> None:
