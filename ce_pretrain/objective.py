@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .discriminator import Discriminator
 from .losses import ReconstructionLoss, discriminator_loss, generator_adversarial_loss, joint_loss
 from .masks import MaskRule, ShapeBank
@@ -120,7 +120,10 @@ class ContextEncoderObjective:
         model = ContextEncoder(**cfg.model_kwargs()).to(memory_format=memory)
         if init_images is not None:
             model.to(accelerator.device)
-            report = rescale_encoder_(model, init_images.to(accelerator.device), seed=cfg.seed)
+            try:
+                report = rescale_encoder_(model, init_images.to(accelerator.device), seed=cfg.seed)
+            except ValueError as err:  # e.g. a backbone without conv / linear layers, or one that overflows
+                raise ConfigError(f"--encoder-init rescale: {err}") from None
             accelerator.print(f"encoder init: {cfg.backbone}'s, rescaled on {len(init_images)} training images "
                               f"(Krähenbühl et al.; {len(report.layers)} layers)")
         rule = model.mask_rule

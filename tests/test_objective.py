@@ -237,3 +237,22 @@ def test_compiled_step_matches_eager_and_keeps_weight_names():
     step(compiled, poison=True)
     assert changed(trained, snapshot(compiled)) == []
     assert list(compiled.core.state_dict()) == keys
+
+
+def test_encoder_init_rescale_changes_the_encoder_only_and_fails_in_one_line(tmp_path):
+    from ce_pretrain.config import ConfigError, TrainConfig
+
+    cfg = TrainConfig(backbone="alexnet", image_size=99, output_dir=str(tmp_path), encoder_init="rescale")
+    images = torch.rand(6, 3, 99, 99, generator=torch.Generator().manual_seed(0))
+    objectives = []
+    for init in (None, images):
+        torch.manual_seed(0)
+        objectives.append(ContextEncoderObjective.build(cfg, Accelerator(cpu=True), init_images=init))
+    plain, rescaled = (o.core.state_dict() for o in objectives)
+    differ = {k.split(".")[0] for k in plain if not torch.equal(plain[k], rescaled[k])}
+    assert differ == {"encoder"}
+    bad = images.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    torch.manual_seed(0)
+    with pytest.raises(ConfigError, match="^--encoder-init rescale: rescaling .* non-finite"):
+        ContextEncoderObjective.build(cfg, Accelerator(cpu=True), init_images=bad)
