@@ -166,7 +166,8 @@ def test_a_fine_tuning_cell_cut_short_resumes_from_its_checkpoint(table2, classe
     def forget_the_cell():  # as if the study died after the cell's run ended, before it saved the cell
         results = json.loads((cut / "results.json").read_text())
         del results["cells"][key]
-        del results["rescale"]  # and as if it were older than the check on --rescale
+        del results["rescale"]  # and as if it were older than any record of its transfer settings
+        del results["transfer"]
         (cut / "results.json").write_text(json.dumps(results))
 
     forget_the_cell()
