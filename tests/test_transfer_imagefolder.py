@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from transfer.common.cli import RunInterrupted, UsageError
 from transfer.imagefolder.data import ImageFolderError, per_class_subset, scan, stratified_split
 from transfer.imagefolder.probes import (
     channel_health,
@@ -210,3 +211,68 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, folders, capsys):
     assert main(["--model", "random:alexnet", "--train", str(folders[0]), "--holdout", "0.2", "--labels-per-class",
                  "0", "--num-workers", "0", *out]) == 2
     assert "--labels-per-class must be at least 1" in capsys.readouterr().err
+
+
+def _stop_during_stage(monkeypatch, call: int):
+    """SIGTERM to this process at the ``call``-th kNN scoring (two per stage: the held-out split, then val)."""
+    import os
+    import signal
+
+    import transfer.imagefolder.train as train_mod
+
+    calls = []
+    real = train_mod.knn_scores
+
+    def scoring(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signal.SIGTERM)  # the probe's StopRequest only flags it
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "knn_scores", scoring)
+    return calls
+
+
+def test_a_probe_stopped_by_sigterm_resumes_with_only_the_missing_stages(folders, tmp_path, monkeypatch, capsys):
+    whole = run(_cfg(folders[0], folders[1], "knn", output_dir=str(tmp_path / "whole")))
+    out = tmp_path / "cut"
+    argv = ["--model", "random:alexnet", "--train", str(folders[0]), "--val", str(folders[1]), "--mode", "knn",
+            "--image-size", "67", "--batch-size", "8", "--num-workers", "0", "--output-dir", str(out)]
+    _stop_during_stage(monkeypatch, call=3)  # during the second stage: it finishes, then the probe stops
+    assert main(argv) == 143
+    assert "after 2/6 stages" in capsys.readouterr().err and not (out / "results.json").exists()
+    saved = json.loads((out / "probe-stages.json").read_text())
+    assert list(saved["stages"]) == ["features.1", "features.5"]
+    assert main(argv) == 2  # an earlier run is there: neither --resume nor --overwrite
+    assert "--resume" in capsys.readouterr().err
+    calls = _stop_during_stage(monkeypatch, call=10**6)
+    assert main(argv + ["--resume"]) == 0
+    assert len(calls) == 2 * 4  # only the four missing stages were scored
+    result = json.loads((out / "results.json").read_text())
+    assert list(result["stages"]) == list(whole["stages"])
+    for stage, scores in whole["stages"].items():
+        assert result["stages"][stage]["top1"] == scores["top1"]
+        assert result["stages"][stage]["selection"] == scores["selection"]
+    assert (result["top1"], result["stage"], result["complete"]) == (whole["top1"], whole["stage"], True)
+
+
+def test_a_probe_resumed_with_other_settings_is_refused(folders, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    _stop_during_stage(monkeypatch, call=1)
+    with pytest.raises(RunInterrupted):
+        run(_cfg(folders[0], folders[1], "knn", output_dir=str(out)))
+    with pytest.raises(UsageError, match=r"other settings \(k\)"):
+        run(_cfg(folders[0], folders[1], "knn", output_dir=str(out), resume="latest", k=5))
+    # --overwrite starts afresh: the old stages are gone, every stage is scored again
+    calls = _stop_during_stage(monkeypatch, call=10**6)
+    result = run(_cfg(folders[0], folders[1], "knn", output_dir=str(out), overwrite=True, k=5))
+    assert len(calls) == 12 and result["complete"] and result["config"]["k"] == 5
+
+
+def test_a_probe_out_of_time_writes_an_incomplete_result_and_resumes(folders, tmp_path):
+    out = tmp_path / "t"
+    spent = run(_cfg(folders[0], folders[1], "linear", output_dir=str(out), max_time=1e-6))
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["complete"] is False and saved["top1"] is None and spent["stages"] == {}
+    done = run(_cfg(folders[0], folders[1], "linear", output_dir=str(out), resume="latest"))
+    assert done["complete"] is True and len(done["stages"]) == 6 and done["top1"] > 60

@@ -14,6 +14,11 @@
 
 The probes report every stage and, at the top level, the stage that scored best on the training-set split (the
 validation images never choose anything). ``results.json`` holds top-1, top-5 and per-class accuracy.
+
+Stopping: fine-tuning checkpoints like every transfer run (``--checkpoint-every``, ``--resume``). The probes save
+each finished stage to ``probe-stages.json``; SIGINT / SIGTERM stop them after the current stage (or batch of
+feature extraction) with status 130 / 143, ``--max-time`` after the stage that spends it (status 0, ``results.json``
+says ``"complete": false``), and ``--resume`` fits only the stages still missing.
 """
 
 from __future__ import annotations
@@ -30,9 +35,12 @@ import torch
 from ce_pretrain.atomic import write_text_atomic
 from ce_pretrain.host_memory import retain_freed_memory
 from ce_pretrain.rescale import rescale_
+from ce_pretrain.stopping import StopRequest, describe
 from transfer.common.checkpoint import EncoderCheckpoint, load_encoder
 from transfer.common.cli import (
     RunFlags,
+    RunInterrupted,
+    UsageError,
     add_common_args,
     check_output_dir,
     check_positive,
@@ -56,6 +64,10 @@ from .probes import (
 __all__ = ["ImageFolderConfig", "main", "run"]
 
 MODES = ("finetune", "linear", "knn")
+PROBE_STATE = "probe-stages.json"  # the stages a probe has finished, for --resume
+# flags that do not change a probe's numbers: a run resumed with other values of these still matches
+_RUN_ONLY = ("output_dir", "resume", "overwrite", "num_workers", "max_time", "log_with", "checkpoint_every",
+             "epochs", "max_steps", "lr", "weight_decay")
 PRECISIONS = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -129,18 +141,81 @@ def build_encoder(ckpt: EncoderCheckpoint, cfg: ImageFolderConfig, train: list, 
     return model, asdict(report)
 
 
+def _probe_settings(cfg: ImageFolderConfig) -> dict:
+    """What decides a probe's numbers (every flag but :data:`_RUN_ONLY`), as JSON values."""
+    return {k: v for k, v in json.loads(json.dumps(asdict(cfg), default=str)).items() if k not in _RUN_ONLY}
+
+
+def _finished_stages(cfg: ImageFolderConfig, out: Path) -> dict:
+    """The stages an earlier run of the same probe in ``out`` finished, when ``--resume`` asks for them.
+
+    Raises:
+        UsageError: ``probe-stages.json`` is unreadable, or was written with other settings.
+    """
+    path = out / PROBE_STATE
+    if cfg.resume is None or not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+        saved, stages = state["settings"], state["stages"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"--resume: cannot read {str(path)!r} ({err}); pass --overwrite to start afresh") from None
+    now = _probe_settings(cfg)
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if changed:
+        raise UsageError(f"--resume: {str(path)!r} was written with other settings ({', '.join(changed)}); pass "
+                         "--overwrite to start afresh")
+    return stages
+
+
+class _Stopped(Exception):
+    """A stop was asked for during feature extraction."""
+
+
+def _until_stopped(loader, stop: StopRequest):
+    """``loader``'s batches, raising :class:`_Stopped` at the first batch after a stop was asked for."""
+    for batch in loader:
+        if stop.code():
+            raise _Stopped
+        yield batch
+
+
 def _probe(cfg: ImageFolderConfig, ckpt: EncoderCheckpoint, train: list, val: list, classes: list[str],
-           size: int, device: torch.device) -> dict:
+           size: int, device: torch.device, out: Path, stop: StopRequest) -> dict:
     model, rescale_report = build_encoder(ckpt, cfg, train, size, device)
     stages = StageFeatures(model.cpu(), size)
-    tf = eval_transform(size, ckpt.mean, ckpt.std)
-    dtype = PRECISIONS[cfg.mixed_precision or "no"] if device.type == "cuda" else None
-    train_feats, train_y = extract(stages, _loader(LabelledImages(train, tf), cfg), device, dtype)
-    val_feats, val_y = extract(stages, _loader(LabelledImages(val, tf), cfg), device, dtype)
-    # the split of the training set that chooses the weight decay (linear) and the reported stage (both modes)
-    fit_idx, held_idx = (torch.tensor(ix) for ix in _index_split(train_y, cfg.selection_fraction, cfg.seed))
-    per_stage = {}
-    for name, channels in zip(stages.names, stages.channels):
+    done = _finished_stages(cfg, out)
+    unknown = sorted(set(done) - set(stages.names))
+    if unknown:
+        raise UsageError(f"--resume: {str(out / PROBE_STATE)!r} names stages this encoder lacks ({', '.join(unknown)})")
+    todo = [(n, c) for n, c in zip(stages.names, stages.channels) if n not in done]
+    per_stage = dict(done)
+    if done:
+        print(f"resuming: {len(done)} of {len(stages.names)} stages done ({out / PROBE_STATE})", flush=True)
+
+    def save() -> None:
+        state = {"settings": _probe_settings(cfg), "stages": per_stage}
+        write_text_atomic(out / PROBE_STATE, json.dumps(state, indent=2) + "\n")
+
+    def stopped(code: int) -> dict:
+        if code > 1:
+            raise RunInterrupted(f"stopped by {describe(code)} after {len(per_stage)}/{len(stages.names)} stages "
+                                 f"({out / PROBE_STATE}); to continue, rerun the same command with --resume", code)
+        return {"complete": False, "top1": None, "stages": per_stage, "rescale": rescale_report}
+
+    if todo:
+        tf = eval_transform(size, ckpt.mean, ckpt.std)
+        dtype = PRECISIONS[cfg.mixed_precision or "no"] if device.type == "cuda" else None
+        try:
+            train_feats, train_y = extract(stages, _until_stopped(_loader(LabelledImages(train, tf), cfg), stop),
+                                           device, dtype)
+            val_feats, val_y = extract(stages, _until_stopped(_loader(LabelledImages(val, tf), cfg), stop),
+                                       device, dtype)
+        except _Stopped:
+            return stopped(stop.code())
+        # the split of the training set that chooses the weight decay (linear) and the reported stage (both modes)
+        fit_idx, held_idx = (torch.tensor(ix) for ix in _index_split(train_y, cfg.selection_fraction, cfg.seed))
+    for name, channels in todo:
         x_tr, y_tr = train_feats[name].to(device), train_y.to(device)
         x_fit, x_held = standardise(x_tr[fit_idx], x_tr[held_idx])
         x_tr, x_val = standardise(x_tr, val_feats[name].to(device))
@@ -157,6 +232,12 @@ def _probe(cfg: ImageFolderConfig, ckpt: EncoderCheckpoint, train: list, val: li
         per_stage[name] = {**classification_metrics(scores, val_y, classes), "selection": selection,
                            "features": int(x_tr.shape[1]),
                            "health": channel_health(train_feats[name], channels)}
+        save()
+        if stop.code() and len(per_stage) < len(stages.names):
+            return stopped(stop.code())
+    if not todo:
+        save()  # a run resumed after its last stage: the record stays
+    per_stage = {n: per_stage[n] for n in stages.names}  # the encoder's order, whatever order they finished in
     best = max(stages.names, key=lambda n: per_stage[n]["selection"]["held_out_top1"])
     return {**{k: per_stage[best][k] for k in ("top1", "top5", "mean_per_class", "per_class")}, "stage": best,
             "stages": per_stage, "rescale": rescale_report}
@@ -177,17 +258,18 @@ def run(cfg: ImageFolderConfig) -> dict:
         raise ImageFolderError("give exactly one of --val DIR and --holdout FRACTION")
     check_positive(batch_size=cfg.batch_size, k=cfg.k, rescale_images=cfg.rescale_images, epochs=cfg.epochs,
                    max_steps=cfg.max_steps, image_size=cfg.image_size, labels_per_class=cfg.labels_per_class)
-    out = check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
+    markers = ("results.json", "checkpoints", PROBE_STATE)
+    out = check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite, markers=markers)
     # fine-tuning claims the folder in the engine's fit(); the probes hold it here
     claim = contextlib.nullcontext(out) if cfg.mode == "finetune" else claim_output_dir(
-        out, resume=cfg.resume is not None, overwrite=cfg.overwrite)
+        out, resume=cfg.resume is not None, overwrite=cfg.overwrite, markers=markers)
     with claim:
         return _run(cfg, out)
 
 
 def _run(cfg: ImageFolderConfig, out: Path) -> dict:
     torch.manual_seed(cfg.seed)
-    start = time.time()
+    start, began = time.time(), time.monotonic()
     train, val, classes = _splits(cfg)  # before the encoder loads: bad folders fail in a second
     ckpt = load_encoder(cfg.model, cfg.image_size, cfg.seed)
     size = cfg.image_size or ckpt.image_size
@@ -197,7 +279,8 @@ def _run(cfg: ImageFolderConfig, out: Path) -> dict:
 
         result = finetune(cfg, ckpt, train, val, classes, size, device)
     else:
-        result = _probe(cfg, ckpt, train, val, classes, size, device)
+        with StopRequest(cfg.max_time, began) as stop:
+            result = _probe(cfg, ckpt, train, val, classes, size, device, out, stop)
     result = {"task": "imagefolder", "mode": cfg.mode, "model": cfg.model, "backbone": ckpt.backbone,
               "image_size": size, "classes": classes, "train_images": len(train), "val_images": len(val),
               "complete": True, **result, "device": result.get("device", str(device)), "torch": torch.__version__,

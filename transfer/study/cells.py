@@ -199,10 +199,10 @@ def _voc_cell(column: str, source: str, budget: Budget, args: argparse.Namespace
     return {"score": result[key], "steps": result.get("steps")}
 
 
-def _run_cell(run, config_class, kw: dict, cell_dir: Path, resumable: bool = True) -> dict:
-    """``run(config_class(**kw))``, with only the fields the entry point's config has. A ``resumable`` cell
-    (fine-tuning, VOC) resumes what an interrupted study left in ``cell_dir`` (its last checkpoint, or its finished
-    ``results.json``), and starts over if that was run with other settings; the probes always start over."""
+def _run_cell(run, config_class, kw: dict, cell_dir: Path) -> dict:
+    """``run(config_class(**kw))``, with only the fields the entry point's config has. A cell resumes what an
+    interrupted study left in ``cell_dir`` (a fine-tuning or VOC run's last checkpoint, a probe's finished stages,
+    or a finished ``results.json``), and starts over if that was run with other settings."""
     from transfer.common.cli import UsageError
     from transfer.common.snapshot import latest_checkpoint
 
@@ -211,8 +211,9 @@ def _run_cell(run, config_class, kw: dict, cell_dir: Path, resumable: bool = Tru
     def attempt(**how) -> dict:
         return run(config_class(**{k: v for k, v in {**kw, **how}.items() if k in names}))
 
-    if resumable and "resume" in names and (latest_checkpoint(cell_dir) is not None
-                                            or (cell_dir / "results.json").is_file()):
+    earlier = ("results.json", "probe-stages.json")
+    if "resume" in names and (latest_checkpoint(cell_dir) is not None
+                              or any((cell_dir / name).is_file() for name in earlier)):
         try:
             return attempt(resume="latest", overwrite=False)
         except UsageError as err:
@@ -233,7 +234,7 @@ def _imagefolder_cell(column: str, source: str, row: str, budget: Budget, args: 
           "rescale": rescale, "rescale_beta": 0.0 if row == "random-gaussian" else None,
           "labels_per_class": getattr(args, "labels_per_class", None),
           "max_steps": getattr(args, "finetune_steps", None) or budget.finetune_steps}
-    result = _run_cell(run, ImageFolderConfig, kw, cell_dir, resumable=column == "finetune")
+    result = _run_cell(run, ImageFolderConfig, kw, cell_dir)
     return {"score": result["top1"], "top5": result["top5"], "stage": result.get("stage"),
             "steps": result.get("steps")}
 
