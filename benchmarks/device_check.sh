@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 10 and 11 as one call on a lent GPU machine (see DEVELOPERS.md / the device tool).
+# The GPU checks of issues 10 and 11 as one call on a lent GPU machine (the device tool).
 #
 # Here (a development machine with ../shared beside the checkout):
 #     bash benchmarks/device_check.sh prepare [PORT_CLONE]
-#   writes .device-carry/ (about 45 MB: the small budget's image split as a tar, and a copy of the reference port
+#   writes .device-carry/ (about 50 MB: the small budget's image split as a tar, and a copy of the reference port
 #   BoyuanJiang/context_encoder_pytorch from PORT_CLONE, a clone or a bare git directory) and adds it to
 #   .git/info/exclude, so that it travels only when named in the call's `carry`.
 # There (the device tool's `run`, command `bash benchmarks/device_check.sh run`, carry [".device-carry"],

@@ -235,8 +235,6 @@ def _probe(cfg: ImageFolderConfig, ckpt: EncoderCheckpoint, train: list, val: li
         save()
         if stop.code() and len(per_stage) < len(stages.names):
             return stopped(stop.code())
-    if not todo:
-        save()  # a run resumed after its last stage: the record stays
     per_stage = {n: per_stage[n] for n in stages.names}  # the encoder's order, whatever order they finished in
     best = max(stages.names, key=lambda n: per_stage[n]["selection"]["held_out_top1"])
     return {**{k: per_stage[best][k] for k in ("top1", "top5", "mean_per_class", "per_class")}, "stage": best,

@@ -205,13 +205,14 @@ def _run_cell(run, config_class, kw: dict, cell_dir: Path) -> dict:
     or a finished ``results.json``), and starts over if that was run with other settings."""
     from transfer.common.cli import UsageError
     from transfer.common.snapshot import latest_checkpoint
+    from transfer.imagefolder.train import PROBE_STATE
 
     names = {f.name for f in dataclasses.fields(config_class)}
 
     def attempt(**how) -> dict:
         return run(config_class(**{k: v for k, v in {**kw, **how}.items() if k in names}))
 
-    earlier = ("results.json", "probe-stages.json")
+    earlier = ("results.json", PROBE_STATE)
     if "resume" in names and (latest_checkpoint(cell_dir) is not None
                               or any((cell_dir / name).is_file() for name in earlier)):
         try:
