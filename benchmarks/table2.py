@@ -47,7 +47,7 @@ from transfer.study.cells import (
     stop_children,
     wait_children,
 )
-from transfer.study.report import format_table, plot
+from transfer.study.report import format_table, mixed_environments, plot
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.time() - started) / 60
     study.meta["minutes_this_run"] = round(minutes, 1)
     study.save()
+    threads = f", {env['threads']} CPU threads" if "threads" in env else ""
     header = (f"Feature study, budget `{args.budget}`: {budget.backbone} pretrained at {budget.image_size} px, batch "
               f"{budget.batch_size}, on {manifest['train_images']} images of `{manifest['source']}`; transfer at "
               f"{budget.transfer_size} px, tested on {manifest['val_images']} held-out images; seeds "
@@ -199,8 +200,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{f'{args.labels_per_class} labelled images per class; ' if args.labels_per_class else ''}"
               f"{f'fine-tuned {args.finetune_steps} steps; ' if args.finetune_steps else ''}"
               f"{env['device']}, torch {env['torch']}, timm "
-              f"{env['timm']}; {study.meta['date']}; {minutes:.0f} min this run.")
+              f"{env['timm']}{threads}; "
+              f"{study.meta['date']}; {minutes:.0f} min this run.")
     cells = study.current_cells()
+    header += mixed_environments(cells, env)
     table = format_table(cells, list(rows), list(columns), header)
     write_text_atomic(out / "table2.md", table + "\n")
     plot(cells, list(rows), list(columns), out / "table2.png",

@@ -9,7 +9,7 @@ from conftest import write_images
 
 from transfer.study.budgets import BUDGETS, StudyError, prepare_data, row_batch_size
 from transfer.study.cells import cell_key
-from transfer.study.report import format_table, plot
+from transfer.study.report import format_table, mixed_environments, plot
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "table2.py"
 
@@ -178,6 +178,29 @@ def test_a_fine_tuning_cell_cut_short_resumes_from_its_checkpoint(table2, classe
     assert _study(table2, classes, cut, "--columns", "finetune", "--seeds", "0", "--rescale") == 0
     assert "is of another run: --rescale was False, now True" in capsys.readouterr().out  # so it starts over
     assert json.loads((cut / "results.json").read_text())["cells"][key]["steps"] == BUDGETS["smoke"].finetune_steps
+
+
+def test_each_cell_records_where_it_was_measured_and_the_table_flags_a_mix(table2, classes, tmp_path):
+    out = tmp_path / "study"
+    assert _study(table2, classes, out) == 0
+    results = json.loads((out / "results.json").read_text())
+    envs = [c["environment"] for c in results["cells"].values()]
+    assert envs[0] == envs[1] == results["environment"] and envs[0]["threads"] == 1  # --cpu-threads 1
+    assert "1 CPU threads" in (out / "table2.md").read_text() and "another environment" not in (
+        out / "table2.md").read_text()
+    # one cell as if measured on another machine: a rerun (nothing to recompute) says so in the header
+    results["cells"]["random-timm/seed0/images0/knn"]["environment"] = dict(envs[0], threads=2)
+    (out / "results.json").write_text(json.dumps(results))
+    assert _study(table2, classes, out) == 0
+    assert "Of its 2 cells, 1 in another environment" in (out / "table2.md").read_text()
+
+
+def test_mixed_environments_counts_other_and_unrecorded_cells():
+    here = {"device": "x86_64 CPU ×2", "threads": 1}
+    cells = {"a": {"environment": here}, "b": {"environment": dict(here, threads=2)}, "c": {}}
+    assert mixed_environments(cells, here) == (" Of its 3 cells, 1 in another environment and 1 in an unrecorded one "
+                                               "(each cell's is in results.json).")
+    assert mixed_environments({"a": {"environment": here}}, here) == ""
 
 
 def test_a_study_scored_without_rescale_is_not_mixed_with_rescaled_cells(table2, classes, tmp_path, capsys):

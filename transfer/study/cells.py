@@ -247,9 +247,12 @@ def environment(args: argparse.Namespace) -> dict:
     import torchvision
 
     gpu = torch.cuda.is_available() and not args.cpu
-    return {"device": torch.cuda.get_device_name(0) if gpu else f"{platform.machine()} CPU ×{_cpus()}",
-            "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
-            "accelerate": accelerate.__version__, "python": platform.python_version()}
+    env = {"device": torch.cuda.get_device_name(0) if gpu else f"{platform.machine()} CPU ×{_cpus()}",
+           "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+           "accelerate": accelerate.__version__, "python": platform.python_version()}
+    if not gpu:  # on a CPU the thread count changes the order of float sums, hence the trajectory of a run
+        env["threads"] = getattr(args, "cpu_threads", None) or torch.get_num_threads()
+    return env
 
 
 def _cpus() -> int:
@@ -393,6 +396,8 @@ def _transfer(cell: Cell, budget: Budget, args: argparse.Namespace, data: Path, 
 def _record(study: Study, cell: Cell, result: dict, seconds: float, log) -> None:
     result.update(row=cell.row, flags=cell.flags, seed=cell.seed, images=cell.images, column=cell.column,
                   seconds=round(seconds, 1))
+    if study.meta.get("environment"):  # a study resumed elsewhere mixes cells of two machines: each says where
+        result["environment"] = study.meta["environment"]
     study.cells[cell.key] = result
     study.save()
     log(f"{cell.key}: {METRIC[cell.column]} {result['score']:.1f}")

@@ -22,6 +22,19 @@ def summarise(cells: dict[str, dict]) -> dict[tuple[str, int, str], tuple[float,
     return out
 
 
+def mixed_environments(cells: dict[str, dict], env: dict) -> str:
+    """A sentence for the table's header when some ``cells`` were measured in another environment than ``env``
+    (device, versions, CPU threads: a study resumed on another machine), else ``""``. Cells from before
+    environments were recorded count as unknown."""
+    other = sum(1 for c in cells.values() if c.get("environment") not in (None, env))
+    unknown = sum(1 for c in cells.values() if c.get("environment") is None)
+    parts = [f"{other} in another environment" if other else "", f"{unknown} in an unrecorded one" if unknown else ""]
+    if not any(parts):
+        return ""
+    return (f" Of its {len(cells)} cells, {' and '.join(p for p in parts if p)} (each cell's is in "
+            "results.json).")
+
+
 def _fmt(stat: tuple[float, float, int] | None) -> str:
     if stat is None:
         return "–"
