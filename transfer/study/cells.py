@@ -251,7 +251,7 @@ def environment(args: argparse.Namespace) -> dict:
            "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
            "accelerate": accelerate.__version__, "python": platform.python_version()}
     if not gpu:  # on a CPU the thread count changes the order of float sums, hence the trajectory of a run
-        env["threads"] = getattr(args, "cpu_threads", None) or torch.get_num_threads()
+        env["threads"] = torch.get_num_threads()  # the study has applied --cpu-threads by now
     return env
 
 

@@ -28,11 +28,8 @@ def mixed_environments(cells: dict[str, dict], env: dict) -> str:
     environments were recorded count as unknown."""
     other = sum(1 for c in cells.values() if c.get("environment") not in (None, env))
     unknown = sum(1 for c in cells.values() if c.get("environment") is None)
-    parts = [f"{other} in another environment" if other else "", f"{unknown} in an unrecorded one" if unknown else ""]
-    if not any(parts):
-        return ""
-    return (f" Of its {len(cells)} cells, {' and '.join(p for p in parts if p)} (each cell's is in "
-            "results.json).")
+    parts = [f"{n} in {where}" for n, where in ((other, "another environment"), (unknown, "an unrecorded one")) if n]
+    return f" Of its {len(cells)} cells, {' and '.join(parts)} (each cell's is in results.json)." if parts else ""
 
 
 def _fmt(stat: tuple[float, float, int] | None) -> str:
