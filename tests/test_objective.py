@@ -218,19 +218,31 @@ def test_scale_lr_scales_both_optimisers_from_their_base_rates():
     assert not [k for k in changed(before, snapshot(obj)) if k.startswith("g.")]  # lr 0: the weights stay
 
 
-def test_compiled_step_matches_eager_and_keeps_weight_names():
+@pytest.mark.parametrize("backend", [
+    "aot_eager",  # dynamo's graph capture and AOT autograd without code generation: seconds
+    pytest.param("inductor", marks=pytest.mark.slow),  # what --compile runs: a minute of C++ codegen on 2 cores
+])
+def test_compiled_step_matches_eager_and_keeps_weight_names(backend):
     """``--compile``: the same losses and weights as eager (to float tolerance) after real steps, a skipped
     non-finite step still changes nothing, and the model's state_dict keeps its plain names (checkpoints and saved
-    models are the same files)."""
+    models are the same files). ``aot_eager`` checks the same contract of our wrapper through torch.compile's graph
+    capture and backward tracing; ``inductor`` (``-m slow``) also runs the generated kernels."""
     from ce_pretrain.objective import _compiled
 
     eager, compiled = tiny_objective(), tiny_objective()
     keys = list(compiled.core.state_dict())
-    _compiled(compiled.model, "default"), _compiled(compiled.disc, "default")
+    for module in (compiled.model, compiled.disc):
+        if backend == "inductor":
+            _compiled(module, "default")
+        else:
+            module.compile(backend=backend)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     for _ in range(2):
         (loss_e, parts_e), (loss_c, parts_c) = step(eager), step(compiled)
         torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-6)
         assert parts_c.keys() == parts_e.keys()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # both modules really went through compile
     trained = snapshot(compiled)
     for k, v in snapshot(eager).items():
         torch.testing.assert_close(trained[k], v, rtol=1e-3, atol=1e-5, msg=k)
