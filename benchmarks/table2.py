@@ -104,6 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "seed; the test images stay the same): the few-label regime. Default: every training image")
     p.add_argument("--finetune-steps", type=int, metavar="N",
                    help="fine-tuning steps of the finetune column (default: the budget's); fewer suit fewer labels")
+    p.add_argument("--every-milestone", action="store_true",
+                   help="score the fine-tuning and VOC columns at every milestone too, for a trace of score against "
+                        "images seen in the columns that decide (default: at the last milestone only; the probes "
+                        "always score at every one); one more transfer run per milestone and row")
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even if a GPU is present")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="on a GPU; default: the budget's")
     p.add_argument("--pretrain-jobs", type=int, default=1, metavar="N",
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.cpu_threads)
         os.environ["OMP_NUM_THREADS"] = str(args.cpu_threads)  # inherited by the pretraining processes
     study = Study(out=out, budget_name=args.budget, budget=budget, rows=rows, columns=columns, seeds=args.seeds,
-                  cells=load_cells(out))
+                  cells=load_cells(out), every_milestone=args.every_milestone)
     env = environment(args)
     study.meta = {"environment": env, "data": manifest, "rescale": args.rescale, "transfer": transfer,
                   "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}

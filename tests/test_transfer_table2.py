@@ -269,14 +269,29 @@ def test_killing_the_study_makes_its_pretraining_process_checkpoint_and_stop(cla
 
 @pytest.mark.slow
 def test_pretrained_row_resumes_its_pretraining_between_milestones(table2, classes, tmp_path):
+    """Probes score every milestone, fine-tuning only the last unless --every-milestone, which later adds the
+    earlier fine-tuning cells from the kept snapshots without pretraining again or touching finished cells."""
     out = tmp_path / "study"
-    assert table2.main(["--budget", "smoke", "--data", str(classes), "--output-dir", str(out), "--rows", "ce-region",
-                        "--columns", "knn", "--milestones", "1", "2", "--num-workers", "0", "--cpu"]) == 0
+    argv = ["--budget", "smoke", "--data", str(classes), "--output-dir", str(out), "--rows", "ce-region", "--columns",
+            "knn", "finetune", "--finetune-steps", "1", "--milestones", "1", "2", "--num-workers", "0", "--cpu"]
+    assert table2.main(argv) == 0
     cells = json.loads((out / "results.json").read_text())["cells"]
     batch = BUDGETS["smoke"].batch_size
-    assert set(cells) == {f"ce-region/seed0/images{batch}/knn", f"ce-region/seed0/images{2 * batch}/knn"}
+    assert set(cells) == {f"ce-region/seed0/images{batch}/knn", f"ce-region/seed0/images{2 * batch}/knn",
+                          f"ce-region/seed0/images{2 * batch}/finetune"}
     log = (out / "pretrain" / "ce-region" / "seed0" / "pretrain.log").read_text()
     assert "resumed from" in log and "at step 1" in log
+
+    def earlier_line():
+        return next(line for line in (out / "table2.md").read_text().splitlines() if f"| {batch:,} |" in line)
+
+    assert earlier_line().endswith("| – |")  # knn scored, finetune not
+    assert table2.main([*argv, "--every-milestone"]) == 0
+    again = json.loads((out / "results.json").read_text())["cells"]
+    assert set(again) == {*cells, f"ce-region/seed0/images{batch}/finetune"}
+    assert all(again[k] == v for k, v in cells.items())
+    assert (out / "pretrain" / "ce-region" / "seed0" / "pretrain.log").read_text() == log  # no pretraining again
+    assert "–" not in earlier_line()  # the earlier milestone's line of the table now has its fine-tuning score
 
 
 @pytest.mark.slow

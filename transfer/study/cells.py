@@ -276,6 +276,7 @@ class Study:
     seeds: list[int]
     cells: dict[str, dict] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    every_milestone: bool = False  # fine-tuning and VOC columns at every milestone too, not only at the last
 
     def current_cells(self) -> dict[str, dict]:
         """The cells of this study's rows with their present flags (``results.json`` may hold others: cells of
@@ -336,7 +337,8 @@ def _missing(study: Study, row: str, flags: list[str] | None, seed: int, steps: 
     images = steps * row_batch_size(flags, study.budget)
     rid = row_id(row, flags, study.budget)
     return [c for c in study.columns if cell_key(rid, seed, images, c) not in study.cells
-            and (c in ("linear", "knn") or steps in (0, study.budget.milestones[-1]))]  # fine-tune, VOC: final
+            and (c in ("linear", "knn") or study.every_milestone  # fine-tune, VOC: the final weights unless asked
+                 or steps in (0, study.budget.milestones[-1]))]
 
 
 def _pretraining_plan(study: Study) -> list[tuple[str, list[str], int, list[int]]]:
