@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.time() - started) / 60
     study.meta["minutes_this_run"] = round(minutes, 1)
     study.save()
-    threads = f", {env['threads']} CPU threads" if "threads" in env else ""
+    threads = f", {env['threads']} CPU thread{'s' * (env['threads'] != 1)}" if "threads" in env else ""
     header = (f"Feature study, budget `{args.budget}`: {budget.backbone} pretrained at {budget.image_size} px, batch "
               f"{budget.batch_size}, on {manifest['train_images']} images of `{manifest['source']}`; transfer at "
               f"{budget.transfer_size} px, tested on {manifest['val_images']} held-out images; seeds "

@@ -186,7 +186,7 @@ def test_each_cell_records_where_it_was_measured_and_the_table_flags_a_mix(table
     results = json.loads((out / "results.json").read_text())
     envs = [c["environment"] for c in results["cells"].values()]
     assert envs[0] == envs[1] == results["environment"] and envs[0]["threads"] == 1  # --cpu-threads 1
-    assert "1 CPU threads" in (out / "table2.md").read_text() and "another environment" not in (
+    assert "1 CPU thread;" in (out / "table2.md").read_text() and "another environment" not in (
         out / "table2.md").read_text()
     # one cell as if measured on another machine: a rerun (nothing to recompute) says so in the header
     results["cells"]["random-timm/seed0/images0/knn"]["environment"] = dict(envs[0], threads=2)
