@@ -36,8 +36,10 @@ from pathlib import Path
 import torch
 
 from ce_pretrain.atomic import write_text_atomic
+from ce_pretrain.checkpoint import RunLock
+from ce_pretrain.config import ConfigError
 from transfer.common.cli import RunInterrupted
-from transfer.study.budgets import BUDGETS, COLUMNS, ROWS, VOC, StudyError, prepare_data
+from transfer.study.budgets import BUDGETS, COLUMNS, ROWS, VOC, Budget, StudyError, prepare_data
 from transfer.study.cells import (
     Study,
     check_same_transfer,
@@ -146,10 +148,25 @@ def main(argv: list[str] | None = None) -> int:
         if any(c in VOC for c in columns) and not Path(args.voc_root).is_dir():
             raise StudyError(f"--voc-root {str(args.voc_root)!r} does not exist (needed by the VOC columns)")
         out = Path(args.output_dir or f"runs/table2-{args.budget}")
-        transfer = {"rescale": args.rescale, "labels_per_class": args.labels_per_class,
-                    "finetune_steps": args.finetune_steps}
-        check_same_transfer(out, transfer)
         out.mkdir(parents=True, exist_ok=True)
+        # one study per folder: two would rewrite each other's results.json and data split
+        lock = RunLock(out).acquire()
+    except (StudyError, ConfigError) as err:
+        print(f"table2.py: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return run(args, budget, rows, columns, out)
+    finally:
+        lock.release()
+
+
+def run(args: argparse.Namespace, budget: Budget, rows: dict[str, list[str] | None], columns: tuple[str, ...],
+        out: Path) -> int:
+    """The study in ``out``, which :func:`main` has checked and locked."""
+    transfer = {"rescale": args.rescale, "labels_per_class": args.labels_per_class,
+                "finetune_steps": args.finetune_steps}
+    try:
+        check_same_transfer(out, transfer)
         manifest = prepare_data(Path(args.data), out / "data", budget)
     except StudyError as err:
         print(f"table2.py: error: {err}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,22 @@ def _study(table2, classes, out, *extra):
     return table2.main(["--budget", "smoke", "--data", str(classes), "--output-dir", str(out), "--rows",
                         "random-timm", "--columns", "knn", "--seeds", "0", "1", "--num-workers", "0", "--cpu",
                         "--cpu-threads", "1", *extra])
+
+
+def test_one_study_at_a_time_per_folder(table2, classes, tmp_path, capsys):
+    """A second study on a folder in use is refused in one line before it touches anything (two would rewrite each
+    other's results.json and data split); the lock goes with the study, so the next one runs."""
+    from ce_pretrain.checkpoint import LOCK_NAME, RunLock
+
+    out = tmp_path / "study"
+    out.mkdir()
+    with RunLock(out):  # held by a live process (this one), as by a study still running
+        assert _study(table2, classes, out, "--prepare-only") == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"pid {os.getpid()}" in err and "is writing to" in err
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # no split, no results
+    assert _study(table2, classes, out, "--prepare-only") == 0
+    assert (out / "data" / "manifest.json").is_file() and not (out / LOCK_NAME).exists()
 
 
 def test_a_finished_cell_is_never_recomputed(table2, classes, tmp_path):
