@@ -284,6 +284,21 @@ def test_killing_the_study_makes_its_pretraining_process_checkpoint_and_stop(cla
     assert list((out / "pretrain" / "ce-region" / "seed0" / "checkpoints").iterdir())
 
 
+def test_every_milestone_asks_for_fine_tuning_at_each_snapshot_and_only_for_missing_cells(tmp_path):
+    """Which cells a study still owes (the default suite's check of --every-milestone; the slow test below runs it)."""
+    from transfer.study.cells import Study, _missing
+
+    budget = BUDGETS["smoke"]  # milestones 2, 4
+    study = Study(out=tmp_path, budget_name="smoke", budget=budget, rows={"ce-region": ["--mask", "random-region"]},
+                  columns=("finetune", "knn"), seeds=[0])
+    owed = {s: _missing(study, "ce-region", ["--mask", "random-region"], 0, s) for s in budget.milestones}
+    assert owed == {2: ["knn"], 4: ["finetune", "knn"]}
+    study.every_milestone = True
+    study.cells[cell_key("ce-region", 0, 2 * budget.batch_size, "knn")] = {"score": 1.0}
+    owed = {s: _missing(study, "ce-region", ["--mask", "random-region"], 0, s) for s in budget.milestones}
+    assert owed == {2: ["finetune"], 4: ["finetune", "knn"]}
+
+
 @pytest.mark.slow
 def test_pretrained_row_resumes_its_pretraining_between_milestones(table2, classes, tmp_path):
     """Probes score every milestone, fine-tuning only the last unless --every-milestone, which later adds the
