@@ -42,7 +42,7 @@ from transfer.common.cli import RunInterrupted
 from transfer.study.budgets import BUDGETS, COLUMNS, ROWS, VOC, Budget, StudyError, prepare_data
 from transfer.study.cells import (
     Study,
-    check_same_transfer,
+    check_same_settings,
     environment,
     load_cells,
     run_study,
@@ -106,6 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "seed; the test images stay the same): the few-label regime. Default: every training image")
     p.add_argument("--finetune-steps", type=int, metavar="N",
                    help="fine-tuning steps of the finetune column (default: the budget's); fewer suit fewer labels")
+    p.add_argument("--unlabeled-per-class", type=int, metavar="N",
+                   help="pretrain on up to N more images per class besides the training images (from --data, never "
+                        "the test images; the classifiers still see the training images only): self-supervised "
+                        "pretraining on more images than are labelled. Default: the training images only")
     p.add_argument("--every-milestone", action="store_true",
                    help="score the fine-tuning and VOC columns at every milestone too, for a trace of score against "
                         "images seen in the columns that decide (default: at the last milestone only; the probes "
@@ -132,11 +136,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _unlabeled(manifest: dict) -> str:
+    """`` + N unlabeled (M MB) for pretraining`` where the split has such images, else nothing."""
+    if not manifest.get("unlabeled_images"):
+        return ""
+    return f" + {manifest['unlabeled_images']} unlabeled ({manifest['unlabeled_megabytes']} MB) for pretraining"
+
+
+def pretrained_on(manifest: dict) -> str:
+    """How many images pretraining reads, for the table header."""
+    if not manifest.get("unlabeled_images"):
+        return str(manifest["train_images"])
+    return (f"{manifest['train_images'] + manifest['unlabeled_images']} ({manifest['train_images']} labelled + "
+            f"{manifest['unlabeled_images']} unlabeled)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         budget = BUDGETS[args.budget]
-        for flag in ("pretrain_jobs", "transfer_jobs", "labels_per_class", "finetune_steps"):
+        for flag in ("pretrain_jobs", "transfer_jobs", "labels_per_class", "finetune_steps", "unlabeled_per_class"):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise StudyError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
         if args.milestones:
@@ -165,15 +184,17 @@ def run(args: argparse.Namespace, budget: Budget, rows: dict[str, list[str] | No
     """The study in ``out``, which :func:`main` has checked and locked."""
     transfer = {"rescale": args.rescale, "labels_per_class": args.labels_per_class,
                 "finetune_steps": args.finetune_steps}
+    pretraining = {"unlabeled_per_class": args.unlabeled_per_class}
     try:
-        check_same_transfer(out, transfer)
-        manifest = prepare_data(Path(args.data), out / "data", budget)
+        check_same_settings(out, {**transfer, **pretraining})
+        manifest = prepare_data(Path(args.data), out / "data", budget, args.unlabeled_per_class or 0)
     except StudyError as err:
         print(f"table2.py: error: {err}", file=sys.stderr)
         return 2
     if args.prepare_only:
         print(f"{out / 'data'}: {manifest['train_images']} train / {manifest['val_images']} val images of "
-              f"{len(manifest['classes'])} classes, {manifest['megabytes']} MB (links into {manifest['source']})")
+              f"{len(manifest['classes'])} classes, {manifest['megabytes']} MB{_unlabeled(manifest)} (links into "
+              f"{manifest['source']})")
         return 0
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
@@ -182,11 +203,12 @@ def run(args: argparse.Namespace, budget: Budget, rows: dict[str, list[str] | No
                   cells=load_cells(out), every_milestone=args.every_milestone)
     env = environment(args)
     study.meta = {"environment": env, "data": manifest, "rescale": args.rescale, "transfer": transfer,
+                  "pretraining": pretraining,
                   "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     started = time.time()
     print(f"feature study, budget {args.budget}: {len(rows)} rows × {len(columns)} columns × {len(args.seeds)} "
           f"seed(s) on {env['device']}; {manifest['train_images']} train / {manifest['val_images']} val images "
-          f"({manifest['megabytes']} MB); {len(study.cells)} cell(s) already done", flush=True)
+          f"({manifest['megabytes']} MB){_unlabeled(manifest)}; {len(study.cells)} cell(s) already done", flush=True)
     terminated = []
 
     def stop(signum, frame):  # a kill of the study reaches its training processes, which checkpoint and stop
@@ -214,7 +236,7 @@ def run(args: argparse.Namespace, budget: Budget, rows: dict[str, list[str] | No
     study.save()
     threads = f", {env['threads']} CPU thread{'s' * (env['threads'] != 1)}" if "threads" in env else ""
     header = (f"Feature study, budget `{args.budget}`: {budget.backbone} pretrained at {budget.image_size} px, batch "
-              f"{budget.batch_size}, on {manifest['train_images']} images of `{manifest['source']}`; transfer at "
+              f"{budget.batch_size}, on {pretrained_on(manifest)} images of `{manifest['source']}`; transfer at "
               f"{budget.transfer_size} px, tested on {manifest['val_images']} held-out images; seeds "
               f"{' '.join(map(str, args.seeds))} (mean ± std); "
               f"{'every row rescaled (Krähenbühl) before transfer; ' if args.rescale else ''}"

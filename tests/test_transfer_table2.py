@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import write_images
 
-from transfer.study.budgets import BUDGETS, StudyError, prepare_data, row_batch_size
+from transfer.study.budgets import BUDGETS, StudyError, prepare_data, pretraining_folder, row_batch_size
 from transfer.study.cells import cell_key
 from transfer.study.report import format_table, mixed_environments, plot
 
@@ -62,6 +62,39 @@ def test_a_split_shipped_as_files_keeps_its_split(classes, tmp_path):
     with pytest.raises(StudyError, match="own split"):
         prepare_data(tmp_path / "d", tmp_path / "d", budget)
     assert split(tmp_path / "d")  # still there
+
+
+def _files(root):
+    return {(p.parent.name, p.name) for p in root.rglob("*.*")}
+
+
+def test_unlabeled_images_join_pretraining_and_leave_the_labelled_split_as_it_was(tmp_path):
+    """--unlabeled-per-class: pretraining reads the training images plus images of no split; the classifiers'
+    training and test images are the same as without it, and no test image reaches pretraining."""
+    import shutil
+
+    for i, name in enumerate(["cat", "dog", "owl"]):
+        write_images(tmp_path / "src" / name, n=12, size=(40, 48), seed=i)  # smoke: 3 test + 6 train, 3 left
+    budget = BUDGETS["smoke"]
+    plain = prepare_data(tmp_path / "src", tmp_path / "plain", budget)
+    more = prepare_data(tmp_path / "src", tmp_path / "more", budget, unlabeled_per_class=2)
+    assert "unlabeled_images" not in plain and more["unlabeled_images"] == 3 * 2
+    for split in ("train", "val"):
+        assert _files(tmp_path / "more" / split) == _files(tmp_path / "plain" / split)
+    pre, train, val = (_files(tmp_path / "more" / s) for s in ("pretrain", "train", "val"))
+    assert train < pre and not pre & val and len(pre) == len(train) + 6
+    assert pretraining_folder(tmp_path / "plain") == tmp_path / "plain" / "train"
+    assert pretraining_folder(tmp_path / "more") == tmp_path / "more" / "pretrain"
+    every = prepare_data(tmp_path / "src", tmp_path / "every", budget, unlabeled_per_class=100)
+    assert every["unlabeled_images"] == 3 * 3  # all that is left
+
+    shipped = tmp_path / "shipped"  # a split shipped with its images keeps its pretraining images too
+    shutil.copytree(tmp_path / "more", shipped)
+    prepare_data(shipped, tmp_path / "again", budget, unlabeled_per_class=2)
+    assert _files(tmp_path / "again" / "pretrain") == pre
+    shutil.copytree(tmp_path / "plain", tmp_path / "shipped-plain")  # a split without any: one line, not 0 images
+    with pytest.raises(StudyError, match="has no images beyond the 18 training and 9 test images"):
+        prepare_data(tmp_path / "shipped-plain", tmp_path / "none", budget, unlabeled_per_class=100)
 
 
 def test_cpu_budget_studies_the_small_budgets_images(tmp_path):
@@ -252,6 +285,34 @@ def test_few_labels_and_fine_tuning_length_reach_every_cell_and_are_never_mixed(
         assert err.count("\n") == 1 and "holds a study scored" in err, other
     assert _study(table2, classes, out, "--seeds", "0", "--labels-per-class", "0") == 2
     assert "--labels-per-class must be at least 1" in capsys.readouterr().err
+
+
+def test_a_study_pretrains_on_unlabeled_images_and_is_never_mixed_with_one_that_did_not(table2, tmp_path, capsys):
+    for i, name in enumerate(["cat", "dog", "owl"]):
+        write_images(tmp_path / "src" / name, n=11, size=(40, 48), seed=i)  # smoke: 3 test + 6 train, 2 left
+    out = tmp_path / "study"
+
+    def study(*extra):
+        return table2.main(["--budget", "smoke", "--data", str(tmp_path / "src"), "--output-dir", str(out),
+                            "--rows", "ce-region", "--columns", "knn", "--milestones", "1", "--num-workers", "0",
+                            "--cpu", "--cpu-threads", "1", "--data-cache", "on", *extra])
+
+    assert study("--unlabeled-per-class", "5") == 0
+    summary = json.loads((out / "pretrain" / "ce-region" / "seed0" / "train_summary.json").read_text())
+    assert summary["config"]["data"] == str(out / "data" / "pretrain")
+    cache = json.loads((out / "data" / f"cache-{BUDGETS['smoke'].image_size}px.npy.json").read_text())
+    assert cache["images"] == 3 * (6 + 2)  # the decoded cache holds the pretraining images, not the labelled ones
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["pretraining"] == {"unlabeled_per_class": 5} and saved["data"]["unlabeled_images"] == 6
+    assert "on 24 (18 labelled + 6 unlabeled) images" in (out / "table2.md").read_text()
+    knn = json.loads((out / "cells" / "ce-region_seed0_images8_knn" / "results.json").read_text())
+    assert knn["train_images"] == 18  # the classifier still sees the labelled images only
+    capsys.readouterr()
+    assert study() == 2  # the pretraining would resume on other images, and its cells share keys
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a study scored --unlabeled-per-class 5" in err
+    assert study("--unlabeled-per-class", "0") == 2
+    assert "--unlabeled-per-class must be at least 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("jobs", ["1", "2"])  # pretraining waited for by the main thread, or by a worker thread

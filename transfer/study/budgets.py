@@ -118,12 +118,19 @@ def row_image_size(flags: list[str] | None, budget: Budget) -> int:
     return _row_int(flags, "--image-size", budget.image_size)
 
 
-def prepare_data(source: Path, out: Path, budget: Budget) -> dict:
+def prepare_data(source: Path, out: Path, budget: Budget, unlabeled_per_class: int = 0) -> dict:
     """Link a fixed, class-stratified split of ``source/<class>/*`` into ``out/train`` and ``out/val``.
 
     The split does not depend on ``--seeds`` (every seed sees the same images); pretraining reads ``out/train``
     only, so the validation images are new to every row. A ``source`` that is already split (``train/<class>`` and
     ``val/<class>``, e.g. the ``data`` folder of another study) keeps its split, within the budget's numbers.
+
+    ``unlabeled_per_class`` > 0 adds up to that many more images per class, from those neither in ``train`` nor in
+    ``val``, for pretraining only (``--unlabeled-per-class``): ``out/pretrain/<class>`` then links the training
+    images and these, and pretraining reads it (:func:`pretraining_folder`); the classifiers still see
+    ``out/train`` only and the test images stay out of both, so the labelled split is the same as without them.
+    The budget's megabyte cap bounds the labelled split only. A pre-split ``source`` gives its own
+    ``pretrain/<class>`` images beyond its ``train`` ones.
     """
     if not source.is_dir():
         raise StudyError(f"--data {str(source)!r} does not exist")
@@ -163,6 +170,20 @@ def prepare_data(source: Path, out: Path, budget: Budget) -> dict:
     manifest = {"source": str(source), "classes": list(picked), "megabytes": round(size / 2**20, 2),
                 "train_images": sum(len(t) for t, _ in picked.values()),
                 "val_images": sum(len(v) for _, v in picked.values())}
+    unlabeled: dict[str, list[Path]] = {}
+    if unlabeled_per_class:
+        for c, (train, val) in picked.items():
+            taken = {p.name for p in train + val}
+            pool = (images(source / "pretrain" / c) if (source / "pretrain" / c).is_dir() else []) if presplit \
+                else images(root / c)
+            unlabeled[c] = [p for p in pool if p.name not in taken][:unlabeled_per_class]
+        if not any(unlabeled.values()):
+            raise StudyError(f"--unlabeled-per-class: {str(source)!r} has no images beyond the "
+                             f"{manifest['train_images']} training and {manifest['val_images']} test images")
+        # recorded only when asked for, so that an earlier study's manifest (and its split) stays valid
+        manifest["unlabeled_images"] = sum(map(len, unlabeled.values()))
+        manifest["unlabeled_megabytes"] = round(sum(p.stat().st_size for u in unlabeled.values() for p in u)
+                                                / 2**20, 2)
     marker = out / "manifest.json"
     if marker.is_file() and json.loads(marker.read_text()) == manifest:
         return manifest
@@ -172,5 +193,15 @@ def prepare_data(source: Path, out: Path, budget: Budget) -> dict:
             (out / split / c).mkdir(parents=True, exist_ok=True)
             for p in files:
                 (out / split / c / p.name).symlink_to(p.resolve())
+        if unlabeled:
+            (out / "pretrain" / c).mkdir(parents=True, exist_ok=True)
+            for p in train + unlabeled[c]:
+                (out / "pretrain" / c / p.name).symlink_to(p.resolve())
     write_text_atomic(marker, json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def pretraining_folder(data: Path) -> Path:
+    """The images pretraining reads in a split made by :func:`prepare_data`: ``pretrain`` (the training images plus
+    the unlabeled ones) where the split has one, else ``train``."""
+    return data / "pretrain" if (data / "pretrain").is_dir() else data / "train"

@@ -27,7 +27,16 @@ from pathlib import Path
 import torch
 
 from ce_pretrain.atomic import write_text_atomic
-from transfer.study.budgets import IMAGEFOLDER, METRIC, ROWS, Budget, StudyError, row_batch_size, row_image_size
+from transfer.study.budgets import (
+    IMAGEFOLDER,
+    METRIC,
+    ROWS,
+    Budget,
+    StudyError,
+    pretraining_folder,
+    row_batch_size,
+    row_image_size,
+)
 
 
 def _save_timm_folder(model: torch.nn.Module, backbone: str, image_size: int, dst: Path, note: str) -> None:
@@ -95,7 +104,7 @@ def build_caches(study: Study, args: argparse.Namespace, data: Path, rows: list[
     from ce_pretrain.gpu_data import open_cache
     from ce_pretrain.sources import open_source
 
-    items, column, _ = open_source(str(data / "train"))
+    items, column, _ = open_source(str(pretraining_folder(data)))
     for size in sorted({row_image_size(flags, study.budget) for flags in rows}):
         open_cache(ImageDataset(items, size, image_column=column), cache_path(study.out, size),
                    num_workers=args.num_workers)
@@ -290,31 +299,34 @@ class Study:
         write_text_atomic(self.out / "results.json", json.dumps(payload, indent=2) + "\n")
 
 
-# transfer settings a study applies to every cell, recorded in results.json; cells are not keyed by them
-TRANSFER_SETTINGS = {"rescale": "--rescale", "labels_per_class": "--labels-per-class",
-                     "finetune_steps": "--finetune-steps"}
+# settings a study applies to every cell, recorded in results.json ("transfer", or "pretraining" for the
+# pretraining images); cells are not keyed by them
+STUDY_SETTINGS = {"rescale": "--rescale", "labels_per_class": "--labels-per-class",
+                  "finetune_steps": "--finetune-steps", "unlabeled_per_class": "--unlabeled-per-class"}
 
 
 def _describe(key: str, value) -> str:
     if key == "rescale":
         return f"{'with' if value else 'without'} --rescale"
-    return f"{TRANSFER_SETTINGS[key]} {value}" if value is not None else f"without {TRANSFER_SETTINGS[key]}"
+    return f"{STUDY_SETTINGS[key]} {value}" if value is not None else f"without {STUDY_SETTINGS[key]}"
 
 
-def check_same_transfer(out: Path, settings: dict) -> None:
-    """Refuse to add cells to a study in ``out`` whose cells were scored with other transfer ``settings`` (the keys
-    of :data:`TRANSFER_SETTINGS`; ``None`` / ``False`` = the budget's default): cells are keyed by row, seed,
-    images and column only, so the two would be mixed in one table. A folder from before a setting was recorded
-    had that setting's default (``rescale`` was recorded first, at the top level)."""
+def check_same_settings(out: Path, settings: dict) -> None:
+    """Refuse to add cells to a study in ``out`` whose cells were made with other ``settings`` (the keys of
+    :data:`STUDY_SETTINGS`; ``None`` / ``False`` = the budget's default): cells are keyed by row, seed, images and
+    column only, so the two would be mixed in one table (and pretraining runs would resume on other images). A
+    folder from before a setting was recorded had that setting's default (``rescale`` was recorded first, at the
+    top level)."""
     path = out / "results.json"
     try:
         saved = json.loads(path.read_text()) if path.is_file() else None
-        earlier = None if saved is None else {"rescale": saved.get("rescale"), **saved.get("transfer", {})}
+        earlier = None if saved is None else {"rescale": saved.get("rescale"), **saved.get("transfer", {}),
+                                              **saved.get("pretraining", {})}
     except (json.JSONDecodeError, AttributeError, TypeError):
         return
     if earlier is None or earlier.get("rescale") is None:  # no study yet, or one older than any of these records
         return
-    for key in TRANSFER_SETTINGS:
+    for key in STUDY_SETTINGS:
         before, now = earlier.get(key), settings.get(key)
         if (bool(before) != bool(now)) if key == "rescale" else before != now:
             raise StudyError(f"{out} holds a study scored {_describe(key, before)}; rerun it "
@@ -361,7 +373,7 @@ def pretrain_all(study: Study, args: argparse.Namespace, data: Path, plans: list
         log(f"pretraining {row} seed {seed} to step {steps[-1]}")
         for s in steps:
             started = time.time()
-            pretrain(row, flags, budget, seed, s, args, study.out, data / "train")
+            pretrain(row, flags, budget, seed, s, args, study.out, pretraining_folder(data))
             log(f"pretrained {row} seed {seed} to {s * row_batch_size(flags, budget)} images "
                 f"({time.time() - started:.0f} s)")
 
@@ -479,7 +491,7 @@ def _source(study: Study, row: str, flags: list[str] | None, seed: int, steps: i
         return initialisation(row, budget, seed, study.out / "pretrain" / row / f"seed{seed}" / "init")
     started = time.time()
     done = (snapshot_path(row, flags, budget, seed, steps, study.out) / "model.safetensors").is_file()
-    source = pretrain(row, flags, budget, seed, steps, args, study.out, data / "train")
+    source = pretrain(row, flags, budget, seed, steps, args, study.out, pretraining_folder(data))
     if not done:
         log(f"pretrained {row} seed {seed} to {steps * row_batch_size(flags, budget)} images "
             f"({time.time() - started:.0f} s)")
