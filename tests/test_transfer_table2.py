@@ -360,20 +360,65 @@ def test_every_milestone_asks_for_fine_tuning_at_each_snapshot_and_only_for_miss
     assert owed == {2: ["finetune"], 4: ["finetune", "knn"]}
 
 
+def test_pretraining_passes_and_keeps_every_milestone_up_to_the_last_one_needed(tmp_path):
+    """A study that scores only the last milestone (fine-tuning) still keeps an encoder at each earlier one: a run
+    cannot go back, so a later study with probes or --every-milestone would otherwise have none to score."""
+    from transfer.study.cells import Study, _pretraining_plan
+
+    budget = BUDGETS["smoke"]  # milestones 2, 4
+    flags = ["--mask", "random-region"]
+    study = Study(out=tmp_path, budget_name="smoke", budget=budget, rows={"ce-region": flags, "random-timm": None},
+                  columns=("finetune",), seeds=[0])
+    assert _pretraining_plan(study) == [("ce-region", flags, 0, [2, 4])]
+    study.cells[cell_key("ce-region", 0, 4 * budget.batch_size, "finetune")] = {"score": 1.0}
+    assert _pretraining_plan(study) == []
+    study.columns = ("knn",)
+    study.cells[cell_key("ce-region", 0, 4 * budget.batch_size, "knn")] = {"score": 1.0}
+    assert _pretraining_plan(study) == [("ce-region", flags, 0, [2])]
+
+
+def test_a_milestone_the_run_went_past_without_keeping_is_refused_not_mislabelled(tmp_path):
+    """A run already past a milestone whose encoder was not kept (a study from before the run kept them all) would
+    resume, stop at once and export its later weights under the earlier milestone's name: one line instead."""
+    import argparse
+
+    from transfer.study.cells import pretrain
+
+    budget = BUDGETS["smoke"]
+    flags = ["--mask", "random-region"]
+    checkpoint = tmp_path / "pretrain" / "ce-region" / "seed0" / "checkpoints" / "step_00000004"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "run.json").write_text(json.dumps({"step": 4, "config": {}}))
+    args = argparse.Namespace(num_workers=0, cpu=True, data_cache="off", mixed_precision=None)
+    with pytest.raises(StudyError, match="is at step 4, past milestone 2, whose encoder was not kept"):
+        pretrain("ce-region", flags, budget, 0, 2, args, tmp_path, tmp_path / "data" / "train")
+
+
 @pytest.mark.slow
 def test_pretrained_row_resumes_its_pretraining_between_milestones(table2, classes, tmp_path):
-    """Probes score every milestone, fine-tuning only the last unless --every-milestone, which later adds the
-    earlier fine-tuning cells from the kept snapshots without pretraining again or touching finished cells."""
+    """Fine-tuning scores only the last milestone unless --every-milestone, which later adds the earlier cells (and
+    the probes, which score every milestone) from the kept snapshots, without pretraining again or touching
+    finished cells."""
     out = tmp_path / "study"
-    argv = ["--budget", "smoke", "--data", str(classes), "--output-dir", str(out), "--rows", "ce-region", "--columns",
-            "knn", "finetune", "--finetune-steps", "1", "--milestones", "1", "2", "--num-workers", "0", "--cpu"]
-    assert table2.main(argv) == 0
-    cells = json.loads((out / "results.json").read_text())["cells"]
+    argv = ["--budget", "smoke", "--data", str(classes), "--output-dir", str(out), "--rows", "ce-region",
+            "--finetune-steps", "1", "--milestones", "1", "2", "--num-workers", "0", "--cpu"]
+    assert table2.main([*argv, "--columns", "finetune"]) == 0
     batch = BUDGETS["smoke"].batch_size
-    assert set(cells) == {f"ce-region/seed0/images{batch}/knn", f"ce-region/seed0/images{2 * batch}/knn",
-                          f"ce-region/seed0/images{2 * batch}/finetune"}
+    assert set(json.loads((out / "results.json").read_text())["cells"]) == {f"ce-region/seed0/images{2 * batch}/"
+                                                                            "finetune"}
+    from safetensors.torch import load_file
+
+    step1, step2 = (load_file(out / "pretrain" / "ce-region" / "seed0" / f"encoder-step{s}" / "model.safetensors")
+                    for s in (1, 2))  # kept on the way, and really the encoder after one step
+    assert step1.keys() == step2.keys() and any(not step1[k].equal(step2[k]) for k in step1)
     log = (out / "pretrain" / "ce-region" / "seed0" / "pretrain.log").read_text()
     assert "resumed from" in log and "at step 1" in log
+    argv += ["--columns", "knn", "finetune"]
+    assert table2.main(argv) == 0
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert set(cells) == {f"ce-region/seed0/images{batch}/knn", f"ce-region/seed0/images{2 * batch}/knn",
+                          f"ce-region/seed0/images{2 * batch}/finetune"}
+    assert (out / "pretrain" / "ce-region" / "seed0" / "pretrain.log").read_text() == log  # no pretraining again
 
     def earlier_line():
         return next(line for line in (out / "table2.md").read_text().splitlines() if f"| {batch:,} |" in line)

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 
 from ce_pretrain.atomic import write_text_atomic
+from ce_pretrain.checkpoint import latest_checkpoint, read_run_json
+from ce_pretrain.config import ConfigError
 from transfer.study.budgets import (
     IMAGEFOLDER,
     METRIC,
@@ -126,6 +128,15 @@ def pretrain(row: str, flags: list[str], budget: Budget, seed: int, steps: int, 
     run_dir = snap.parent
     if (snap / "model.safetensors").is_file():
         return snap
+    latest = latest_checkpoint(run_dir)
+    try:
+        reached = read_run_json(latest)["step"] if latest is not None else 0
+    except ConfigError:
+        reached = 0  # a damaged checkpoint: train.py --resume names it in one line
+    if reached > steps:
+        # train.py would resume at `reached` and stop at once: its encoder is not the one after `steps` steps
+        raise StudyError(f"pretraining {row} (seed {seed}) in {run_dir} is at step {reached}, past milestone {steps}, "
+                         "whose encoder was not kept; score that milestone in another --output-dir")
     cmd = [sys.executable, "-m", "ce_pretrain.train", "--preset", "features", "--backbone", budget.backbone,
            "--image-size", str(budget.image_size), "--batch-size", str(budget.batch_size), "--max-steps", str(steps),
            "--data", str(data), "--seed", str(seed), "--output-dir", str(run_dir), "--num-workers",
@@ -354,10 +365,17 @@ def _missing(study: Study, row: str, flags: list[str] | None, seed: int, steps: 
 
 
 def _pretraining_plan(study: Study) -> list[tuple[str, list[str], int, list[int]]]:
-    """(row, flags, seed, milestones) of every pretraining run a missing cell needs."""
-    return [(row, flags, seed, steps) for seed in study.seeds for row, flags in study.rows.items()
-            if flags is not None
-            and (steps := [s for s in study.budget.milestones if _missing(study, row, flags, seed, s)])]
+    """(row, flags, seed, milestones) of every pretraining run a missing cell needs: each milestone up to the last
+    one needed, so that the run keeps an encoder at every milestone it passes (a later study with other columns,
+    or ``--every-milestone``, scores them without pretraining again; a run cannot go back to an earlier step)."""
+    plans = []
+    for seed in study.seeds:
+        for row, flags in study.rows.items():
+            milestones = study.budget.milestones
+            needed = [s for s in milestones if flags is not None and _missing(study, row, flags, seed, s)]
+            if needed:
+                plans.append((row, flags, seed, [s for s in milestones if s <= needed[-1]]))
+    return plans
 
 
 def pretrain_all(study: Study, args: argparse.Namespace, data: Path, plans: list, jobs: int, log=print) -> None:
@@ -512,15 +530,18 @@ def run_study(study: Study, args: argparse.Namespace, data: Path, log=print) -> 
         build_caches(study, args, data, [flags for _, flags, _, _ in plans])
     if plans and (args.pretrain_jobs > 1 or transfer_jobs > 1):
         pretrain_all(study, args, data, plans, args.pretrain_jobs, log)
+    planned = {(row, seed): steps for row, _, seed, steps in plans}
     queued = []
     for seed in study.seeds:
         for row, flags in study.rows.items():
             rid = row_id(row, flags, budget)
             for steps in [0] if flags is None else list(budget.milestones):
                 todo = _missing(study, row, flags, seed, steps)
+                if not todo and steps not in planned.get((row, seed), ()):
+                    continue
+                source = _source(study, row, flags, seed, steps, args, data, log)  # the snapshot, kept either way
                 if not todo:
                     continue
-                source = _source(study, row, flags, seed, steps, args, data, log)
                 images = steps * row_batch_size(flags, budget)
                 cells = [Cell(cell_key(rid, seed, images, c), row, flags, seed, images, c, source) for c in todo]
                 if transfer_jobs > 1:
