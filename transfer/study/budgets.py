@@ -122,7 +122,7 @@ def prepare_data(source: Path, out: Path, budget: Budget, unlabeled_per_class: i
     """Link a fixed, class-stratified split of ``source/<class>/*`` into ``out/train`` and ``out/val``.
 
     The split does not depend on ``--seeds`` (every seed sees the same images); pretraining reads ``out/train``
-    only, so the validation images are new to every row. A ``source`` that is already split (``train/<class>`` and
+    (or ``out/pretrain``, below), never ``out/val``, so the validation images are new to every row. A ``source`` that is already split (``train/<class>`` and
     ``val/<class>``, e.g. the ``data`` folder of another study) keeps its split, within the budget's numbers.
 
     ``unlabeled_per_class`` > 0 adds up to that many more images per class, from those neither in ``train`` nor in
