@@ -122,8 +122,9 @@ def prepare_data(source: Path, out: Path, budget: Budget, unlabeled_per_class: i
     """Link a fixed, class-stratified split of ``source/<class>/*`` into ``out/train`` and ``out/val``.
 
     The split does not depend on ``--seeds`` (every seed sees the same images); pretraining reads ``out/train``
-    (or ``out/pretrain``, below), never ``out/val``, so the validation images are new to every row. A ``source`` that is already split (``train/<class>`` and
-    ``val/<class>``, e.g. the ``data`` folder of another study) keeps its split, within the budget's numbers.
+    (or ``out/pretrain``, below), never ``out/val``, so the validation images are new to every row. A ``source``
+    that is already split (``train/<class>`` and ``val/<class>``, e.g. the ``data`` folder of another study) keeps
+    its split, within the budget's numbers.
 
     ``unlabeled_per_class`` > 0 adds up to that many more images per class, from those neither in ``train`` nor in
     ``val``, for pretraining only (``--unlabeled-per-class``): ``out/pretrain/<class>`` then links the training
@@ -174,8 +175,8 @@ def prepare_data(source: Path, out: Path, budget: Budget, unlabeled_per_class: i
     if unlabeled_per_class:
         for c, (train, val) in picked.items():
             taken = {p.name for p in train + val}
-            pool = (images(source / "pretrain" / c) if (source / "pretrain" / c).is_dir() else []) if presplit \
-                else images(root / c)
+            folder = source / "pretrain" / c if presplit else root / c
+            pool = images(folder) if folder.is_dir() else []
             unlabeled[c] = [p for p in pool if p.name not in taken][:unlabeled_per_class]
         if not any(unlabeled.values()):
             raise StudyError(f"--unlabeled-per-class: {str(source)!r} has no images beyond the "

@@ -368,11 +368,11 @@ def _pretraining_plan(study: Study) -> list[tuple[str, list[str], int, list[int]
     """(row, flags, seed, milestones) of every pretraining run a missing cell needs: each milestone up to the last
     one needed, so that the run keeps an encoder at every milestone it passes (a later study with other columns,
     or ``--every-milestone``, scores them without pretraining again; a run cannot go back to an earlier step)."""
+    milestones = study.budget.milestones
     plans = []
     for seed in study.seeds:
         for row, flags in study.rows.items():
-            milestones = study.budget.milestones
-            needed = [s for s in milestones if flags is not None and _missing(study, row, flags, seed, s)]
+            needed = [s for s in milestones if _missing(study, row, flags, seed, s)] if flags is not None else []
             if needed:
                 plans.append((row, flags, seed, [s for s in milestones if s <= needed[-1]]))
     return plans
