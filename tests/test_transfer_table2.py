@@ -260,7 +260,7 @@ def test_a_study_scored_without_rescale_is_not_mixed_with_rescaled_cells(table2,
     capsys.readouterr()
     assert _study(table2, classes, out, "--seeds", "0", "--rescale") == 2
     err = capsys.readouterr().err
-    assert "holds a study scored without --rescale" in err and err.count("\n") == 1
+    assert "holds a study run without --rescale" in err and err.count("\n") == 1
     assert _study(table2, classes, tmp_path / "rescaled", "--seeds", "0", "--rescale") == 0
     assert json.loads((tmp_path / "rescaled" / "results.json").read_text())["rescale"] is True
     assert "every row rescaled (Krähenbühl) before transfer" in (tmp_path / "rescaled" / "table2.md").read_text()
@@ -282,7 +282,7 @@ def test_few_labels_and_fine_tuning_length_reach_every_cell_and_are_never_mixed(
                   ["--labels-per-class", "2"]):
         assert _study(table2, classes, out, "--seeds", "0", *other) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "holds a study scored" in err, other
+        assert err.count("\n") == 1 and "holds a study run" in err, other
     assert _study(table2, classes, out, "--seeds", "0", "--labels-per-class", "0") == 2
     assert "--labels-per-class must be at least 1" in capsys.readouterr().err
 
@@ -310,7 +310,7 @@ def test_a_study_pretrains_on_unlabeled_images_and_is_never_mixed_with_one_that_
     capsys.readouterr()
     assert study() == 2  # the pretraining would resume on other images, and its cells share keys
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "holds a study scored --unlabeled-per-class 5" in err
+    assert err.count("\n") == 1 and "holds a study run --unlabeled-per-class 5" in err
     assert study("--unlabeled-per-class", "0") == 2
     assert "--unlabeled-per-class must be at least 1" in capsys.readouterr().err
 

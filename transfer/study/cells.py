@@ -340,7 +340,7 @@ def check_same_settings(out: Path, settings: dict) -> None:
     for key in STUDY_SETTINGS:
         before, now = earlier.get(key), settings.get(key)
         if (bool(before) != bool(now)) if key == "rescale" else before != now:
-            raise StudyError(f"{out} holds a study scored {_describe(key, before)}; rerun it "
+            raise StudyError(f"{out} holds a study run {_describe(key, before)}; rerun it "
                              f"{_describe(key, before)}, or give another --output-dir")
 
 
