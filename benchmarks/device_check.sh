@@ -12,7 +12,10 @@
 #      (THROUGHPUT_SECONDS, default 200; it prints each target and its ratio to the port);
 #   2. issue 10: benchmarks/table2.py --budget small on the carried split (SEEDS, default "0"; the rest of
 #      CHECK_SECONDS, default 570, is its limit: the study is stopped with SIGTERM, keeps every finished cell in
-#      results.json, and a second call on the same warm machine would resume it);
+#      results.json (SIGKILL 40 s later if it has not stopped; checkpoints are atomic), and a second call on the
+#      same warm machine would resume it): the built-in rows plus `ce-region-ri` (random regions pretrained from
+#      the rescaled init, the one change that lifted fine-tuning on the CPU, docs/feature-study.md), the four
+#      pretrainings at once, then the fine-tuning cells first;
 #   and leaves under $OUT (at most 8 files come back): env.txt, throughput.txt, table2.log, results.json,
 #   table2.md, table2.png, logs.tar.gz (pretraining and cell logs, no weights).
 # PHASES="table2" (or "throughput") runs one phase only.
@@ -62,8 +65,9 @@ torchvision.__version__)"
     if [[ " $phases " == *" table2 "* ]]; then
         local left=$(( budget - (SECONDS - start) - 25 ))
         # shellcheck disable=SC2086
-        timeout -s TERM "$left" python benchmarks/table2.py --budget small --data "$work/data" \
-            --output-dir "$work/table2" --seeds ${SEEDS:-0} --pretrain-jobs 3 --transfer-jobs 3 \
+        timeout -s TERM -k 40 "$left" python benchmarks/table2.py --budget small --data "$work/data" \
+            --output-dir "$work/table2" --seeds ${SEEDS:-0} --pretrain-jobs 4 --transfer-jobs 3 \
+            --ablate ce-region-ri="--mask random-region --encoder-init rescale" \
             --num-workers 4 2>&1 | tr '\r' '\n' | grep -v '%|' > "$OUT/table2.log"
         for f in results.json table2.md table2.png; do cp "$work/table2/$f" "$OUT/" 2>/dev/null; done
         tar -czf "$OUT/logs.tar.gz" -C "$work/table2" --exclude='*.safetensors' --exclude='*.npy' \
