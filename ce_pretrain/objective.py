@@ -167,16 +167,22 @@ class ContextEncoderObjective:
             logs = {"loss/reconstruction": rec}
             loss, skipped_d = rec, None
             if self.disc is not None:
-                fake, real = core.normalize(pred.float()), core.normalize(target)
+                # The adversary judges what the reconstruction loss asks for, not conditioned on the context
+                # (§3.2): the predicted region, with every pixel the loss leaves free (outside a random region's
+                # hole) set to 0, the dataset mean, in both real and predicted images alike.
+                judged = (weights > 0).float()
+                fake, real = core.normalize(pred.float()) * judged, core.normalize(target) * judged
                 with acc.autocast():  # one forward for real and fake: DDP-safe, and BatchNorm sees both
                     logits = self.disc(torch.cat([real, fake.detach()]))
                 d_loss = discriminator_loss(logits[: len(real)], logits[len(real):])
                 acc.backward(d_loss)
                 skipped_d = self._update(self.opt_d, self._disc_params, d_loss)
                 # The generator's term must not leave gradients in the discriminator (its next step would use
-                # them), so the adversary is frozen and called outside DDP for this forward.
+                # them), so the adversary is frozen and called outside DDP for this forward. It sees the same
+                # real | fake batch as the adversary's own step: its BatchNorm normalises with the batch's
+                # statistics, and on predictions alone it would call them real however well it tells them apart.
                 with _frozen(self._disc_params), acc.autocast():
-                    adv = generator_adversarial_loss(self.disc_core(fake))
+                    adv = generator_adversarial_loss(self.disc_core(torch.cat([real, fake]))[len(real):])
                 loss = joint_loss(rec, adv, 1 - self.adversarial_weight, self.adversarial_weight)
                 logs.update({"loss/adversarial": adv, "loss/discriminator": d_loss})
             acc.backward(loss)

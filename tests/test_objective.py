@@ -7,26 +7,30 @@ from torch.profiler import ProfilerActivity, profile
 
 from ce_pretrain import ContextEncoder
 from ce_pretrain.discriminator import Discriminator
+from ce_pretrain.losses import generator_adversarial_loss
 from ce_pretrain.objective import ContextEncoderObjective, NonFiniteMonitor, all_finite
 
 SIZE, BATCH = 32, 4
 
 
-def tiny_objective(adversarial: bool = True, scaler: torch.amp.GradScaler | None = None, accumulate: int = 1):
-    """The inpainting recipe (centre hole, overlap band, joint loss) at toy width: a step takes milliseconds."""
+def tiny_objective(adversarial: bool = True, scaler: torch.amp.GradScaler | None = None, accumulate: int = 1,
+                   mask: str = "center"):
+    """The inpainting recipe (centre hole, overlap band, joint loss) at toy width: a step takes milliseconds.
+    ``mask="random-region"``: the whole image predicted, the loss on the hole only (the features recipe)."""
     torch.manual_seed(0)
     acc = Accelerator(cpu=True, gradient_accumulation_steps=accumulate)
     if scaler is not None:
         # accelerate keeps fp16 off on CPUs; a real GradScaler plugged in takes the CUDA fp16 code path
         acc.scaler = scaler
-    model = ContextEncoder(backbone="dcgan_encoder", image_size=SIZE, pred_size=SIZE // 2, overlap=2,
-                           bottleneck="fc", bottleneck_dim=32, decoder_channels=[16, 8], mask="center",
-                           backbone_kwargs=dict(width=8))
+    pred = SIZE // 2 if mask == "center" else SIZE
+    model = ContextEncoder(backbone="dcgan_encoder", image_size=SIZE, pred_size=pred, overlap=2 if pred < SIZE else 0,
+                           bottleneck="fc", bottleneck_dim=32, decoder_channels=[16, 8] if pred < SIZE else [16, 8, 8],
+                           mask=mask, backbone_kwargs=dict(width=8))
     opt_g = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.5, 0.999), fused=True)
     if not adversarial:
         model, opt_g = acc.prepare(model, opt_g)
         return ContextEncoderObjective(acc, model, None, opt_g, None)
-    disc = Discriminator(SIZE // 2, width=8, max_channels=16)
+    disc = Discriminator(pred, width=8, max_channels=16)
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.5, 0.999), fused=True)
     model, disc, opt_g, opt_d = acc.prepare(model, disc, opt_g, opt_d)
     return ContextEncoderObjective(acc, model, disc, opt_g, opt_d, adversarial_weight=0.001)
@@ -105,6 +109,53 @@ def test_nonfinite_step_leaves_weights_and_adam_state_unchanged(adversarial):
     assert obj.monitor.read() == (0, 0, 0)
     if adversarial:  # the generator's adversarial term leaves no gradient behind in the discriminator
         assert all(p.grad is None for p in obj.disc_core.parameters())
+
+
+def discriminator_calls(obj) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input, logits) of every forward pass of the discriminator, recorded from now on."""
+    calls = []
+    obj.disc_core.register_forward_hook(lambda _m, args, out: calls.append((args[0].detach(), out.detach())))
+    return calls
+
+
+@pytest.mark.parametrize("mask", ["center", "random-region"])
+def test_generator_term_uses_the_discriminators_own_batch(mask):
+    """The generator's adversarial term is scored on the batch the discriminator trains on (real | predicted):
+    with BatchNorm, a batch of predictions alone is normalised by its own statistics, and a discriminator that
+    tells the two apart at once may then call every prediction real (measured on an AlexNet run: P(real) 0.007
+    for predictions in its own step, 0.977 on predictions alone)."""
+    obj = tiny_objective(mask=mask)
+    step(obj)
+    calls = discriminator_calls(obj)
+    _, logs = step(obj)
+    (d_in, _), (g_in, g_out) = calls
+    assert d_in.shape[0] == g_in.shape[0] == 2 * BATCH
+    assert torch.equal(d_in[:BATCH], g_in[:BATCH])  # the same real images in both
+    assert torch.allclose(g_in[BATCH:], d_in[BATCH:])  # and the same predictions (detached in the first)
+    torch.testing.assert_close(logs["loss/adversarial"], generator_adversarial_loss(g_out[BATCH:]))
+
+
+def test_discriminator_sees_only_the_pixels_the_loss_asks_for():
+    """Random regions: the prediction covers the whole image, but the loss only its hole, so the rest of it is
+    free and would give predictions away; the discriminator sees the hole, the rest set to the dataset mean (0)
+    in real and predicted images alike, never the context (§3.2). Centre: the whole predicted patch, unchanged."""
+    obj = tiny_objective(mask="random-region")
+    calls = discriminator_calls(obj)
+    images = torch.rand(BATCH, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    mask = obj.masks(BATCH, 0, "cpu")
+    obj.step(images, mask)
+    seen = calls[0][0]
+    hole = torch.cat([mask, mask]).expand_as(seen)
+    assert 0 < mask.float().mean() < 1
+    assert seen[~hole].abs().max() == 0
+    torch.testing.assert_close(seen[:BATCH][hole[:BATCH]], obj.core.normalize(images)[hole[:BATCH]])
+    assert seen[BATCH:][hole[BATCH:]].abs().max() > 0  # the predicted hole
+
+    obj = tiny_objective()  # centre: the hole and its overlap band fill the predicted patch
+    calls = discriminator_calls(obj)
+    step(obj)
+    images = torch.rand(BATCH, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(calls[0][0][:BATCH], obj.core.normalize(obj.core.crop(images)))
 
 
 def test_gradscaler_skips_a_nonfinite_step_without_raising():
