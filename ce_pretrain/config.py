@@ -136,7 +136,7 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """Bad flags (an unknown choice, a non-number) end with one line and exit status 2, not the whole usage."""
 
     def error(self, message: str):
@@ -145,7 +145,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def build_parser(prog: str = "ce_pretrain/train.py") -> argparse.ArgumentParser:
     """The training flags; each recipe flag defaults to the preset's value (``None`` here)."""
-    p = _OneLineParser(
+    p = OneLineParser(
         prog=prog,
         description="Context-encoder pretraining (Pathak et al., CVPR 2016) of any timm backbone under accelerate.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

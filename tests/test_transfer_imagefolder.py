@@ -1,6 +1,7 @@
 """transfer.imagefolder: folders and splits, the kNN and linear probes, fine-tuning and the entry point, on CPU."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -211,6 +212,68 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, folders, capsys):
     assert main(["--model", "random:alexnet", "--train", str(folders[0]), "--holdout", "0.2", "--labels-per-class",
                  "0", "--num-workers", "0", *out]) == 2
     assert "--labels-per-class must be at least 1" in capsys.readouterr().err
+
+
+def test_more_bad_input_is_one_line_and_exit_2(tmp_path, folders, capsys):
+    common = ["--model", "random:alexnet", "--num-workers", "0", "--output-dir", str(tmp_path / "out")]
+    assert main([*common, "--train", str(folders[0]), "--holdout", "0"]) == 2  # was a TypeError from pathlib
+    assert "hold-out fraction must be in (0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # argparse's own errors exit from the parser
+        main([*common, "--train", str(folders[0]), "--val", str(folders[1]), "--holdout", "0.2"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not allowed with argument" in err  # not argparse's whole usage
+    empty = tmp_path / "empty-class"
+    _folder(empty, 2, classes={"red": COLOURS["red"], "blue": COLOURS["blue"]})
+    (empty / "green").mkdir()
+    assert main([*common, "--train", str(empty), "--val", str(folders[1])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'green' holds no readable images" in err
+    # a model that takes one size only (a ViT) at another: one line, not an AssertionError from timm
+    assert main([*common, "--train", str(folders[0]), "--holdout", "0.2", "--model", "random:vit_tiny_patch16_224",
+                 "--image-size", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "takes 224×224 images only" in err
+
+
+def test_unreadable_images_are_skipped_and_listed(tmp_path, folders, capsys):
+    train = tmp_path / "train"
+    _folder(train, 4)
+    (train / "red" / "empty.jpg").write_bytes(b"")
+    (train / "blue" / "page.jpg").write_text("<html>not an image</html>")
+    out = tmp_path / "knn"
+    assert main(["--model", "random:alexnet", "--train", str(train), "--val", str(folders[1]), "--image-size", "67",
+                 "--num-workers", "0", "--batch-size", "8", "--output-dir", str(out)]) == 0
+    assert "skipped 2 unreadable file(s)" in capsys.readouterr().err
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["train_images"] == 12 and len(saved["skipped_files"]) == 2
+    assert {Path(line.split(":")[0]).name for line in saved["skipped_files"]} == {"empty.jpg", "page.jpg"}
+
+
+def test_an_image_failing_in_a_loader_worker_is_reported_in_one_line(tmp_path, capsys):
+    """An image that opens but does not decode fails inside a DataLoader worker, which re-raises it with the
+    worker's traceback in the message; the error line is the original one."""
+    from torch._utils import ExceptionWrapper
+
+    from ce_pretrain.data import ImageReadError, load_rgb
+    from transfer.common.cli import run_main
+    from transfer.imagefolder.train import build_parser
+
+    broken = tmp_path / "cut.jpg"
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(broken)
+    broken.write_bytes(broken.read_bytes()[:200])  # a JPEG header without its image data
+
+    def run_(_args):
+        try:
+            load_rgb(broken)
+        except ImageReadError:
+            ExceptionWrapper(where="in DataLoader worker process 0").reraise()
+
+    argv = ["--model", "random:alexnet", "--train", str(tmp_path), "--holdout", "0.2"]
+    assert run_main(build_parser(), run_, argv, errors=(ImageReadError,)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python -m transfer.imagefolder: error: cannot read image")
+    assert "cut.jpg" in err
 
 
 def _stop_during_stage(monkeypatch, call: int):

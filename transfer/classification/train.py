@@ -24,6 +24,7 @@ from torchvision.transforms import v2 as T
 
 from transfer.common import VOC_CLASSES, VOCClassification, cli, load_encoder
 from transfer.common.checkpoint import EncoderCheckpoint
+from transfer.common.cli import OneLineParser
 from transfer.common.engine import EngineConfig, Task, fit
 from transfer.common.features import TimmFeatures
 from transfer.common.voc import holdout_split, read_split, resolve_voc_dir
@@ -164,7 +165,7 @@ def run(cfg: ClassificationConfig) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m transfer.classification.train", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m transfer.classification.train", description=__doc__.split("\n\n")[0])
     cli.add_common_args(p, output_dir=ClassificationConfig.output_dir)
     cli.add_voc_args(p, year=2007, train_split="trainval", test_split="test")
     p.add_argument("--image-size", type=int, help="crop size (default: the pretraining size)")

@@ -36,9 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ce_pretrain.atomic import ensure_writable_dir
+from ce_pretrain.config import OneLineParser
 
 __all__ = [
     "EXIT_USAGE",
+    "OneLineParser",
     "RunFlags",
     "RunInterrupted",
     "UsageError",
@@ -270,8 +272,16 @@ def stop_message(code: int, done: int, total: int, checkpoint: str | os.PathLike
 
 
 def _first_line(error: BaseException) -> str:
+    """The line that says what went wrong; for an error re-raised from a DataLoader worker ("Caught X in DataLoader
+    worker process 0", then the worker's traceback) that is the traceback's last line, without the type name."""
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    if not text:
+        return type(error).__name__
+    lines = text.splitlines()
+    if lines[0].startswith("Caught ") and "Original Traceback" in text:
+        kind, _, message = lines[-1].partition(": ")
+        return message if message and kind.rsplit(".", 1)[-1] == type(error).__name__ else lines[-1]
+    return lines[0]
 
 
 def run_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int | None],

@@ -17,7 +17,7 @@ import torch
 
 from ce_pretrain.atomic import write_atomic, write_text_atomic
 from transfer.common.checkpoint import EncoderCheckpoint, load_encoder
-from transfer.common.cli import run_main
+from transfer.common.cli import OneLineParser, run_main
 from transfer.common.features import default_fpn
 
 from .keys import detectron2_state_dict
@@ -69,7 +69,7 @@ def convert(source: str | EncoderCheckpoint, output: str | Path, fpn: bool | Non
 
 def main(argv: list[str] | None = None) -> int:
     """Bad input: one line on stderr, exit status 2."""
-    p = argparse.ArgumentParser(prog="python -m transfer.detectron2.convert", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m transfer.detectron2.convert", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="ContextEncoder dir, timm encoder dir, Hub id or random:<timm>")
     p.add_argument("--output", required=True, help="output path without suffix (.pth and .yaml are written)")
     p.add_argument("--fpn", action=argparse.BooleanOptionalAction, default=None,

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ce_pretrain.atomic import write_atomic
-from transfer.common.cli import run_main
+from transfer.common.cli import OneLineParser, run_main
 
 __all__ = ["convert_selective_search"]
 
@@ -65,7 +65,7 @@ def convert_selective_search(mat_file: str | Path, output: str | Path, top_k: in
 
 def main(argv: list[str] | None = None) -> int:
     """Bad input: one line on stderr, exit status 2."""
-    p = argparse.ArgumentParser(prog="python -m transfer.detectron2.proposals", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m transfer.detectron2.proposals", description=__doc__.split("\n\n")[0])
     p.add_argument("mat_file")
     p.add_argument("output")
     p.add_argument("--top-k", type=int)

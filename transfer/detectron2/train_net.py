@@ -49,6 +49,7 @@ from ce_pretrain.atomic import write_text_atomic
 from ce_pretrain.stopping import StopRequest, agreed, forward_signals_to_children
 from transfer.common.checkpoint import CheckpointError, load_encoder, load_strict
 from transfer.common.cli import (
+    OneLineParser,
     RunInterrupted,
     UsageError,
     add_common_args,
@@ -328,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The flags: the shared transfer vocabulary (``--model``, ``--output-dir``, ``--num-workers``,
     ``--mixed-precision``, ``--seed``), detectron2's (``--config-file``, ``--eval-only``, ``--resume``, ``--num-gpus``,
     ``--num-machines``, ``--machine-rank``, ``--dist-url``, ``KEY VALUE`` overrides) and the data's."""
-    p = argparse.ArgumentParser(prog="python -m transfer.detectron2.train_net", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m transfer.detectron2.train_net", description=__doc__.split("\n\n")[0])
     add_common_args(p, output_dir="runs/detectron2", only={"model", "output_dir", "num_workers", "mixed_precision",
                                                              "seed", "overwrite", "max_time"})
     p.add_argument("--config-file", default=str(CONFIG_DIR / "fast_rcnn_alexnet_voc07.yaml"))

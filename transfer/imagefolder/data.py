@@ -8,12 +8,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torchvision.transforms import v2 as T
 
 from ce_pretrain.data import IMAGE_EXTENSIONS, load_rgb
 
-__all__ = ["ImageFolderError", "LabelledImages", "eval_transform", "per_class_subset", "scan", "stratified_split",
-           "train_transform"]
+__all__ = ["ImageFolderError", "LabelledImages", "check_classes", "eval_transform", "per_class_subset", "readable",
+           "scan", "stratified_split", "train_transform"]
 
 Sample = tuple[Path, int]
 
@@ -49,6 +50,32 @@ def scan(root: str | os.PathLike, classes: Sequence[str] | None = None) -> tuple
     if not samples:
         raise ImageFolderError(f"{str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return samples, list(classes)
+
+
+def readable(samples: Sequence[Sample]) -> tuple[list[Sample], list[str]]:
+    """``samples`` whose files open as images (the header only: a zero-byte file, an HTML page saved as .jpg),
+    and one ``"path: reason"`` line for each file that does not, so a run skips it instead of failing mid-way."""
+    good, bad = [], []
+    for path, label in samples:
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            bad.append(f"{path}: {reason}")
+        else:
+            good.append((path, label))
+    return good, bad
+
+
+def check_classes(samples: Sequence[Sample], classes: Sequence[str], root: str | os.PathLike) -> None:
+    """Refuse training images with fewer than two classes, or a class without any image."""
+    if len(classes) < 2:
+        raise ImageFolderError(f"{str(root)!r} has one class folder; classification needs at least two")
+    empty = sorted(set(range(len(classes))) - {label for _, label in samples})
+    if empty:
+        names = ", ".join(repr(classes[i]) for i in empty[:5])
+        raise ImageFolderError(f"{str(root)!r}: class folder {names} holds no readable images; add some or remove it")
 
 
 def stratified_split(samples: Sequence[Sample], fraction: float, seed: int = 0) -> tuple[list[Sample], list[Sample]]:

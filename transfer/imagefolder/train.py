@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,11 +34,14 @@ from pathlib import Path
 import torch
 
 from ce_pretrain.atomic import write_text_atomic
+from ce_pretrain.config import ConfigError, check_backbone_size
+from ce_pretrain.data import ImageReadError
 from ce_pretrain.host_memory import retain_freed_memory
 from ce_pretrain.rescale import rescale_
 from ce_pretrain.stopping import StopRequest, describe
 from transfer.common.checkpoint import EncoderCheckpoint, load_encoder
 from transfer.common.cli import (
+    OneLineParser,
     RunFlags,
     RunInterrupted,
     UsageError,
@@ -48,7 +52,16 @@ from transfer.common.cli import (
     run_main,
 )
 
-from .data import ImageFolderError, LabelledImages, eval_transform, per_class_subset, scan, stratified_split
+from .data import (
+    ImageFolderError,
+    LabelledImages,
+    check_classes,
+    eval_transform,
+    per_class_subset,
+    readable,
+    scan,
+    stratified_split,
+)
 from .probes import (
     WEIGHT_DECAYS,
     StageFeatures,
@@ -98,17 +111,23 @@ class ImageFolderConfig(RunFlags):
     weight_decay: float = 0.05
 
 
-def _splits(cfg: ImageFolderConfig) -> tuple[list, list, list[str]]:
+def _splits(cfg: ImageFolderConfig) -> tuple[list, list, list[str], list[str]]:
+    """``(train, val, classes, skipped)``: the samples of each split, and the files skipped as unreadable."""
     train, classes = scan(cfg.train)
-    if cfg.holdout:
+    train, skipped = readable(train)
+    if cfg.holdout is not None:
         train, val = stratified_split(train, cfg.holdout, cfg.seed)
     else:
         val, _ = scan(cfg.val, classes)
-    if len(classes) < 2:
-        raise ImageFolderError(f"{cfg.train!r} has one class folder; classification needs at least two")
+        val, bad = readable(val)
+        skipped += bad
+    check_classes(train, classes, cfg.train)
     if cfg.labels_per_class is not None:  # after the hold-out: the validation images stay the same for every n
         train = per_class_subset(train, cfg.labels_per_class, cfg.seed)
-    return train, val, classes
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable file(s), listed in results.json; the first: {skipped[0]}",
+              file=sys.stderr)
+    return train, val, classes, skipped
 
 
 def _device(cfg: ImageFolderConfig) -> torch.device:
@@ -268,9 +287,13 @@ def run(cfg: ImageFolderConfig) -> dict:
 def _run(cfg: ImageFolderConfig, out: Path) -> dict:
     torch.manual_seed(cfg.seed)
     start, began = time.time(), time.monotonic()
-    train, val, classes = _splits(cfg)  # before the encoder loads: bad folders fail in a second
+    train, val, classes, skipped = _splits(cfg)  # before the encoder loads: bad folders fail in a second
     ckpt = load_encoder(cfg.model, cfg.image_size, cfg.seed)
     size = cfg.image_size or ckpt.image_size
+    try:  # a size the backbone cannot take (a ViT at another size, AlexNet below 63 px) fails here in one line
+        check_backbone_size(ckpt.backbone, size, cfg.batch_size, ckpt.backbone_kwargs)
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
     device = _device(cfg)
     if cfg.mode == "finetune":
         from .finetune import finetune
@@ -281,6 +304,7 @@ def _run(cfg: ImageFolderConfig, out: Path) -> dict:
             result = _probe(cfg, ckpt, train, val, classes, size, device, out, stop)
     result = {"task": "imagefolder", "mode": cfg.mode, "model": cfg.model, "backbone": ckpt.backbone,
               "image_size": size, "classes": classes, "train_images": len(train), "val_images": len(val),
+              "skipped_files": skipped,
               "complete": True, **result, "device": result.get("device", str(device)), "torch": torch.__version__,
               "seconds": time.time() - start, "config": json.loads(json.dumps(asdict(cfg), default=str))}
     write_text_atomic(out / "results.json", json.dumps(result, indent=2) + "\n")
@@ -288,7 +312,7 @@ def _run(cfg: ImageFolderConfig, out: Path) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m transfer.imagefolder", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m transfer.imagefolder", description=__doc__.split("\n\n")[0])
     add_common_args(p, output_dir=ImageFolderConfig.output_dir)
     p.add_argument("--train", required=True, metavar="DIR", help="training images, one sub-folder per class")
     data = p.add_mutually_exclusive_group(required=True)
@@ -336,4 +360,4 @@ def main(argv: list[str] | None = None) -> int:
                   f"{where} on {result['val_images']} images, {len(result['classes'])} classes; "
                   f"{args.output_dir}/results.json")
 
-    return run_main(build_parser(), report, argv, errors=(ImageFolderError,))
+    return run_main(build_parser(), report, argv, errors=(ImageFolderError, ImageReadError))

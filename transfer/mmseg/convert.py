@@ -9,7 +9,6 @@ and as a ``load_from`` checkpoint of the whole segmentor.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 
 from ce_pretrain.atomic import write_atomic
 from transfer.common.checkpoint import EncoderCheckpoint, load_encoder
-from transfer.common.cli import run_main
+from transfer.common.cli import OneLineParser, run_main
 from transfer.common.features import TimmFeatures, last_tap
 
 __all__ = ["BACKBONE_PREFIX", "convert", "mmseg_state_dict"]
@@ -45,7 +44,7 @@ def convert(source: str | EncoderCheckpoint, output: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Bad input: one line on stderr, exit status 2."""
-    p = argparse.ArgumentParser(prog="python -m transfer.mmseg.convert", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m transfer.mmseg.convert", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="ContextEncoder dir, timm encoder dir, Hub id or random:<timm>")
     p.add_argument("--output", required=True, help="the .pth to write")
     return run_main(p, lambda args: print(f"wrote {convert(args.model, args.output)}"), argv, errors=(OSError,))

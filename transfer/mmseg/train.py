@@ -32,6 +32,7 @@ from ce_pretrain.atomic import write_text_atomic
 from ce_pretrain.stopping import StopRequest, agreed
 from transfer.common.checkpoint import load_encoder
 from transfer.common.cli import (
+    OneLineParser,
     RunInterrupted,
     UsageError,
     add_common_args,
@@ -242,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     ``--seed``, ``--resume``), mmseg's (``--config``, ``--launcher``, ``--cfg-options``) and the data's."""
     from mmengine.config import DictAction
 
-    p = argparse.ArgumentParser(prog="python -m transfer.mmseg.train", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m transfer.mmseg.train", description=__doc__.split("\n\n")[0])
     add_common_args(p, output_dir="runs/mmseg", only={"model", "output_dir", "num_workers", "mixed_precision", "seed",
                                                         "resume", "overwrite", "max_time"})
     p.add_argument("--data-root", required=True, help="VOCdevkit folder (or VOC2012 itself)")

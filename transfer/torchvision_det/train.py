@@ -19,6 +19,7 @@ import torch
 from accelerate.utils import set_seed
 
 from transfer.common import VOC_CLASSES, VOCDetection, cli, load_encoder
+from transfer.common.cli import OneLineParser
 from transfer.common.engine import EngineConfig, Task, fit
 from transfer.common.voc import holdout_split, read_split, resolve_voc_dir
 from transfer.common.voc_ap import ap_summary, detection_ap, format_per_class
@@ -128,7 +129,7 @@ def run(cfg: DetectionConfig) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m transfer.torchvision_det.train", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m transfer.torchvision_det.train", description=__doc__.split("\n\n")[0])
     cli.add_common_args(p, output_dir=DetectionConfig.output_dir)
     cli.add_voc_args(p, year=2007, train_split="trainval", test_split="test")
     p.add_argument("--fpn", action=argparse.BooleanOptionalAction, default=None,

@@ -25,6 +25,7 @@ from torchvision.transforms import v2 as T
 from torchvision.tv_tensors import Image, Mask
 
 from transfer.common import VOC_CLASSES, VOCSegmentation, cli, load_encoder
+from transfer.common.cli import OneLineParser
 from transfer.common.confusion import ConfusionMatrix
 from transfer.common.engine import EngineConfig, Task, fit
 from transfer.common.voc import IGNORE_INDEX, holdout_split, read_split, resolve_voc_dir
@@ -126,7 +127,7 @@ def run(cfg: SegmentationConfig) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m transfer.torchvision_seg.train", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m transfer.torchvision_seg.train", description=__doc__.split("\n\n")[0])
     cli.add_common_args(p, output_dir=SegmentationConfig.output_dir)
     cli.add_voc_args(p, year=2012, train_split="train_aug", test_split="val")
     p.add_argument("--crop-size", type=int, help="training crop (default: the pretraining size)")
