@@ -124,6 +124,7 @@ def load_checkpoint(accelerator, checkpoint: Path, state: TrainState) -> None:
     """
     run = read_run_json(checkpoint)
     _check_no_foreign_pickles(checkpoint)
+    _check_random_states(checkpoint)
     try:
         # every torch.load in accelerate's load_state defaults to weights_only=True; custom objects (the only
         # weights_only=False path) are never registered, and their files were refused above
@@ -133,6 +134,22 @@ def load_checkpoint(accelerator, checkpoint: Path, state: TrainState) -> None:
         raise ConfigError(f"cannot resume from {str(checkpoint)!r}: {reason} (a damaged checkpoint? resume from an "
                           "older one by passing its folder to --resume)") from None
     state.load_state_dict(run.get("state") or {"step": run["step"], "skipped": [], "nonfinite": 0})
+
+
+def _check_random_states(checkpoint: Path) -> None:
+    """accelerate restores the random states last and only logs (at INFO) when their file cannot be read, so a
+    damaged one would silently break exact resumption; read each here first, as accelerate does (weights only)."""
+    from accelerate.utils import load
+
+    for path in sorted(checkpoint.glob("random_states_*.pkl")):
+        try:
+            states = load(path)
+            if not isinstance(states, dict) or "random_state" not in states:
+                raise ValueError("not a random-state file")
+        except Exception as e:  # torch raises assorted types for damaged files
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"cannot resume from {str(checkpoint)!r}: {path.name} is damaged ({reason}); resume "
+                              "from an older checkpoint by passing its folder to --resume") from None
 
 
 ARCHITECTURE_KEYS = ("backbone", "image_size", "pred_size", "overlap", "bottleneck", "batch_size",
@@ -145,6 +162,7 @@ def check_resumable(checkpoint: Path, cfg: TrainConfig) -> None:
     # a key missing from an older checkpoint's run.json had its default then
     saved = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | read_run_json(checkpoint)["config"]
     _check_no_foreign_pickles(checkpoint)
+    _check_random_states(checkpoint)
     diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}" for k in ARCHITECTURE_KEYS
             if saved.get(k) != getattr(cfg, k)]
     if diff:

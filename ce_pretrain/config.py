@@ -368,6 +368,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--mask-shapes only applies to --mask random-region (got --mask {cfg.mask})")
     if cfg.mask_shapes and not Path(cfg.mask_shapes).is_dir():
         raise ConfigError(f"--mask-shapes folder {cfg.mask_shapes!r} does not exist")
+    unknown = [t for t in cfg.log_with if t != "csv" and t not in _trackers()]
+    if unknown:
+        trackers = _trackers()
+        raise ConfigError(f"--log-with {unknown[0]!r} is not a tracker: csv, {', '.join(sorted(trackers))} or none")
     if cfg.push_to_hub and not cfg.hub_model_id:
         raise ConfigError("--push-to-hub needs --hub-model-id USER/NAME")
     if cfg.compile is not None and cfg.compile not in COMPILE_MODES:
@@ -388,13 +392,22 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it: pass one of them")
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_dir():
-        raise ConfigError(f"--resume checkpoint {cfg.resume!r} does not exist")
+        raise ConfigError(f"--resume {cfg.resume!r} is a file, not a checkpoint folder (OUTPUT_DIR/checkpoints/"
+                          "step_N; --resume alone takes the latest)" if Path(cfg.resume).exists() else
+                          f"--resume checkpoint {cfg.resume!r} does not exist")
     if cfg.streaming and (cfg.data is None or Path(cfg.data).is_dir() and not _is_saved_dataset(cfg.data)):
         raise ConfigError("--streaming applies to Hugging Face datasets, not to image folders or the demo set")
     if cfg.data_cache and cfg.streaming:
         raise ConfigError("--data-cache needs the whole dataset; it cannot be combined with --streaming")
     if cfg.adversarial and cfg.mask == "none":
         raise ConfigError("the autoencoder baseline (--mask none) has no hole for the adversarial loss to judge")
+
+
+def _trackers() -> set[str]:
+    """accelerate's tracker names (``--log-with``; ``csv`` is ce-pretrain's own)."""
+    from accelerate.utils import LoggerType
+
+    return {t.value for t in LoggerType} - {"all"}
 
 
 def _cuda_available() -> bool:

@@ -360,12 +360,15 @@ def run(cfg: TrainConfig, items, image_column: str | None, description: str,
 
 def _run(cfg: TrainConfig, items, image_column: str | None, description: str, resume_command: str | None,
          stop: StopRequest) -> dict:
+    try:  # before the accelerator, which creates the log folder: a refused run leaves --output-dir as it was
+        shapes = ShapeBank.from_folder(cfg.mask_shapes) if cfg.mask_shapes else None
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"--mask-shapes: {err}") from None
     accelerator = make_accelerator(cfg)
     if cfg.cuda_graph and (reason := check_supported(accelerator)):
         raise ConfigError(reason)
     accelerator.print(f"data: {description}")
     set_seed(cfg.seed)
-    shapes = ShapeBank.from_folder(cfg.mask_shapes) if cfg.mask_shapes else None
     # --encoder-init rescale: calibrate the encoder on real images before the first step (not when resuming)
     init_images = fixed_images(cfg, items, image_column, RESCALE_IMAGES) \
         if cfg.encoder_init == "rescale" and checkpoint_to_resume(cfg) is None else None

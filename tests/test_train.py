@@ -149,6 +149,8 @@ def test_bad_files_are_skipped_and_reported(image_folder, tmp_path):
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--push-to-hub"], "--hub-model-id"),
     (["--resume", "/no/checkpoint"], "does not exist"),
+    (["--resume", __file__], "is a file, not a checkpoint folder"),
+    (["--log-with", "tensorbord"], "'tensorbord' is not a tracker: csv, "),
     (["--streaming"], "--streaming applies to Hugging Face datasets"),
     (["--fc-dropout", "1"], "--fc-dropout must be in [0, 1)"),
     (["--high-pass-weight", "-0.5"], "--high-pass-weight must be a finite number ≥ 0"),
@@ -173,6 +175,16 @@ def test_bad_choices_are_one_line_exit_2(args, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("ce_pretrain/train.py: error:")
     assert args[0] in err and not (tmp_path / "never").exists()
+
+
+def test_mask_shapes_without_masks_is_one_line_and_leaves_no_logs(image_folder, tmp_path, capsys):
+    (tmp_path / "no-masks").mkdir()
+    out = tmp_path / "run"
+    assert main(["--data", str(image_folder), "--mask-shapes", str(tmp_path / "no-masks"), "--output-dir", str(out),
+                 "--max-steps", "1", *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--mask-shapes: no object masks found" in err
+    assert not (out / "logs").exists()  # the same command without the bad flag is not refused for a used folder
 
 
 def test_empty_folder_is_refused(tmp_path, capsys):
