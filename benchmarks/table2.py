@@ -42,6 +42,7 @@ from transfer.common.cli import RunInterrupted
 from transfer.study.budgets import BUDGETS, COLUMNS, ROWS, VOC, Budget, StudyError, prepare_data
 from transfer.study.cells import (
     Study,
+    check_row_flags,
     check_same_settings,
     environment,
     load_cells,
@@ -61,7 +62,10 @@ def _parse_row_flags(items: list[str], what: str) -> dict[str, list[str]]:
         name, sep, flags = item.partition("=")
         if not sep or not name.strip():
             raise StudyError(f"{what} {item!r}: expected NAME=\"--flag value ...\"")
-        parsed[name.strip()] = shlex.split(flags)
+        try:
+            parsed[name.strip()] = shlex.split(flags)
+        except ValueError as err:  # e.g. an unclosed quote
+            raise StudyError(f"{what} {item!r}: {err}") from None
     return parsed
 
 
@@ -163,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise StudyError("--milestones must be at least 1")
             budget = dataclasses.replace(budget, milestones=tuple(sorted(set(args.milestones))))
         rows = build_rows(args)
+        for name, flags in rows.items():  # a typo in a row's flags fails now, not when its pretraining starts
+            if flags is not None and (args.rows is None or name in args.rows):
+                check_row_flags(name, flags, budget, args.cpu)
         columns = tuple(args.columns or budget.columns)
         if any(c in VOC for c in columns) and not Path(args.voc_root).is_dir():
             raise StudyError(f"--voc-root {str(args.voc_root)!r} does not exist (needed by the VOC columns)")

@@ -507,6 +507,22 @@ def test_jobs_must_be_positive(table2, classes, tmp_path, capsys, flag):
     assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("row,message", [
+    ("ce-x=--loss l3", "row 'ce-x': argument --loss: invalid choice: 'l3'"),
+    ("ce-x=--bogus 3", "row 'ce-x': unrecognized arguments: --bogus 3"),
+    ("ce-x=--mask none --adversarial-weight 0.01", "row 'ce-x': the autoencoder baseline (--mask none) has no hole"),
+    ('ce-x=--mask "random-region', "--add-row 'ce-x=--mask \"random-region': No closing quotation"),
+])
+def test_a_rows_bad_flags_are_refused_before_the_study_starts(table2, classes, tmp_path, capsys, row, message):
+    """Not hours later, when the row's pretraining comes up (train.py's own checks, run up front)."""
+    out = tmp_path / "o"
+    assert table2.main(["--budget", "smoke", "--cpu", "--data", str(classes), "--output-dir", str(out), "--add-row",
+                        row]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not out.exists()
+
+
 def test_transfer_cells_in_their_own_processes_give_the_same_scores(table2, classes, tmp_path):
     """--transfer-jobs 2 runs each cell in a process of its own, two at a time: the same scores as in-process, every
     cell saved, each cell's output in its log."""

@@ -117,6 +117,26 @@ def snapshot_path(row: str, flags: list[str], budget: Budget, seed: int, steps: 
     return out / "pretrain" / row_id(row, flags, budget) / f"seed{seed}" / f"encoder-step{steps}"
 
 
+def check_row_flags(row: str, flags: list[str], budget: Budget, cpu: bool) -> None:
+    """Refuse, in one line, flags of a pretrained row that ``python -m ce_pretrain.train`` would refuse (an unknown
+    flag, a bad value, a combination it does not allow), before the study starts rather than when the row's turn
+    comes, hours later. Nothing is built and no data is read."""
+    from ce_pretrain.config import build_parser, resolve_config
+
+    def refuse(message: str):
+        raise StudyError(f"row {row!r}: {message}")
+
+    parser = build_parser()
+    parser.error = refuse  # argparse's errors, as one StudyError instead of an exit
+    steps = str(budget.milestones[-1])
+    argv = ["--preset", "features", "--backbone", budget.backbone, "--image-size", str(budget.image_size),
+            "--batch-size", str(budget.batch_size), "--max-steps", steps, "--schedule-steps", steps, *flags]
+    try:
+        resolve_config(parser.parse_args(argv + (["--cpu"] if cpu or not torch.cuda.is_available() else [])))
+    except ConfigError as err:
+        refuse(str(err))
+
+
 def pretrain(row: str, flags: list[str], budget: Budget, seed: int, steps: int, args: argparse.Namespace,
              out: Path, data: Path) -> Path:
     """The encoder of ``row`` after ``steps`` pretraining steps (``python -m ce_pretrain.train``, resumed).
