@@ -53,6 +53,8 @@ def _load_model(ref: str, device: torch.device):
         model = ContextEncoder.from_pretrained(ref)
     except (FileNotFoundError, IncompatibleCheckpointError) as e:
         raise CLIError(f"--model {ref!r}: {_first_line(e)}") from e
+    except json.JSONDecodeError as e:  # a ValueError too: a truncated or hand-edited config.json
+        raise CLIError(f"--model {ref!r}: its config.json is not valid JSON ({_first_line(e)})") from e
     except (ValueError, TypeError) as e:  # a config.json that does not describe a ContextEncoder
         raise CLIError(f"--model {ref!r}: not a ce-pretrain model ({_first_line(e)})") from e
     return model.to(device).eval()

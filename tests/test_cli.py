@@ -91,8 +91,8 @@ def test_inpaint_with_a_mask_image(env, tmp_path, capsys):
     assert changed.any() and not (changed & (mask == 0)).any()
 
 
-@pytest.mark.parametrize("case", ["missing model", "not a model folder", "bad weights", "unreadable image",
-                                  "missing image", "mask of the wrong size", "unknown mask"])
+@pytest.mark.parametrize("case", ["missing model", "not a model folder", "bad weights", "bad config",
+                                  "unreadable image", "missing image", "mask of the wrong size", "unknown mask"])
 def test_inpaint_bad_input_is_one_line_and_writes_nothing(env, tmp_path, capsys, case):
     model, images, extra = env / "model", [env / "data" / "img0.png", env / "data" / "img1.png"], []
     if case == "missing model":
@@ -103,6 +103,10 @@ def test_inpaint_bad_input_is_one_line_and_writes_nothing(env, tmp_path, capsys,
         model = tmp_path / "m"
         shutil.copytree(env / "model", model)
         (model / "model.safetensors").write_bytes(b"garbage")
+    elif case == "bad config":  # a truncated config.json is named as such, not "not a ce-pretrain model"
+        model = tmp_path / "m"
+        shutil.copytree(env / "model", model)
+        (model / "config.json").write_text('{"backbone": "dcgan_en')
     elif case == "unreadable image":  # the second image is bad: the first must not be written either
         (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
         images = [env / "data" / "img0.png", tmp_path / "broken.png"]
@@ -116,6 +120,8 @@ def test_inpaint_bad_input_is_one_line_and_writes_nothing(env, tmp_path, capsys,
     code, _, err = run(capsys, "inpaint", "--model", model, *images, *extra, "--out", tmp_path / "out")
     assert_one_line_error(code, err)
     assert not (tmp_path / "out").exists()
+    if case == "bad config":
+        assert "its config.json is not valid JSON" in err
 
 
 def test_evaluate_prints_the_table_and_writes_json(env, tmp_path, capsys):
