@@ -212,7 +212,7 @@ def test_corrupt_run_json_is_one_line(image_folder, tmp_path, capsys):
     assert "corrupt" in one_line_error(capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("content", [b"", b"\x80\x04not a pickle"])
+@pytest.mark.parametrize("content", [b"", b"\x80\x02not a pickle"])
 def test_damaged_random_states_are_refused_not_skipped(image_folder, tmp_path, capsys, content):
     """accelerate only logs (INFO) when it cannot read them, and the resumed run would draw other masks."""
     ckpt, args = fake_checkpoint(image_folder, tmp_path / "run")
