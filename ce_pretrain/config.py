@@ -368,10 +368,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--mask-shapes only applies to --mask random-region (got --mask {cfg.mask})")
     if cfg.mask_shapes and not Path(cfg.mask_shapes).is_dir():
         raise ConfigError(f"--mask-shapes folder {cfg.mask_shapes!r} does not exist")
-    unknown = [t for t in cfg.log_with if t != "csv" and t not in _trackers()]
-    if unknown:
-        trackers = _trackers()
-        raise ConfigError(f"--log-with {unknown[0]!r} is not a tracker: csv, {', '.join(sorted(trackers))} or none")
+    try:
+        check_trackers(cfg.log_with)
+    except ValueError as err:
+        raise ConfigError(f"--log-with {err}") from None
     if cfg.push_to_hub and not cfg.hub_model_id:
         raise ConfigError("--push-to-hub needs --hub-model-id USER/NAME")
     if cfg.compile is not None and cfg.compile not in COMPILE_MODES:
@@ -408,6 +408,17 @@ def _trackers() -> set[str]:
     from accelerate.utils import LoggerType
 
     return {t.value for t in LoggerType} - {"all"}
+
+
+def check_trackers(names) -> None:
+    """Refuse a ``--log-with`` name that is neither ``csv`` nor one of accelerate's trackers.
+
+    Raises:
+        ValueError: naming the first unknown tracker and the known ones.
+    """
+    unknown = [t for t in names if t != "csv" and t not in _trackers()]
+    if unknown:
+        raise ValueError(f"{unknown[0]!r} is not a tracker: csv, {', '.join(sorted(_trackers()))} or none")
 
 
 def _cuda_available() -> bool:

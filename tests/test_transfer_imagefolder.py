@@ -223,6 +223,12 @@ def test_more_bad_input_is_one_line_and_exit_2(tmp_path, folders, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not allowed with argument" in err  # not argparse's whole usage
+    # a tracker typo is refused in every mode, also knn, which logs nothing (it used to be ignored there)
+    with pytest.raises(SystemExit) as stop:
+        main([*common, "--train", str(folders[0]), "--holdout", "0.2", "--mode", "knn", "--log-with", "tensorbord"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'tensorbord' is not a tracker: csv, " in err
     empty = tmp_path / "empty-class"
     _folder(empty, 2, classes={"red": COLOURS["red"], "blue": COLOURS["blue"]})
     (empty / "green").mkdir()

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ce_pretrain.atomic import ensure_writable_dir
-from ce_pretrain.config import OneLineParser
+from ce_pretrain.config import OneLineParser, check_trackers
 
 __all__ = [
     "EXIT_USAGE",
@@ -103,7 +103,12 @@ def _duration_arg(text: str) -> float:
 
 def _trackers_arg(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
-    return [] if names == ["none"] else names
+    names = [] if names == ["none"] else names
+    try:
+        check_trackers(names)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return names
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, output_dir: str | None = None, num_workers: int = 2,
