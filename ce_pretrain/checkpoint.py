@@ -23,8 +23,9 @@ from pathlib import Path
 from .atomic import ensure_writable_dir, write_text_atomic
 from .config import ConfigError, TrainConfig
 
-__all__ = ["ARCHITECTURE_KEYS", "RunLock", "TrainState", "check_resumable", "checkpoint_dir", "latest_checkpoint",
-           "load_checkpoint", "prepare_output_dir", "read_run_json", "remove_run_outputs", "save_checkpoint"]
+__all__ = ["ARCHITECTURE_KEYS", "RECIPE_KEYS", "RunLock", "TrainState", "check_resumable", "checkpoint_dir",
+           "describe_changes", "latest_checkpoint", "load_checkpoint", "prepare_output_dir", "read_run_json",
+           "remove_run_outputs", "save_checkpoint"]
 
 CHECKPOINT_PREFIX = "step_"
 LOCK_NAME = ".ce-pretrain.lock"
@@ -56,12 +57,16 @@ class TrainState:
         self.step = 0
         self.skipped: set[str] = set()
         self.nonfinite = 0
+        # settings changed on resume (--allow-recipe-change): [{"step": N, "changes": {key: [before, after]}}]
+        self.recipe_changes: list[dict] = []
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "skipped": sorted(self.skipped), "nonfinite": self.nonfinite}
+        return {"step": self.step, "skipped": sorted(self.skipped), "nonfinite": self.nonfinite,
+                "recipe_changes": self.recipe_changes}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.skipped, self.nonfinite = int(state["step"]), set(state["skipped"]), int(state["nonfinite"])
+        self.recipe_changes = list(state.get("recipe_changes") or [])
 
 
 def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainState) -> Path:
@@ -125,6 +130,11 @@ def load_checkpoint(accelerator, checkpoint: Path, state: TrainState) -> None:
     run = read_run_json(checkpoint)
     _check_no_foreign_pickles(checkpoint)
     _check_random_states(checkpoint)
+    # accelerate would name the pickle fallback it looks for next (pytorch_model.bin), a file ce-pretrain never writes
+    missing = [name for name in ("model.safetensors", "optimizer.bin") if not (Path(checkpoint) / name).is_file()]
+    if missing:
+        raise ConfigError(f"checkpoint {str(checkpoint)!r} is incomplete ({', '.join(missing)} missing); resume "
+                          "from an older one by passing its folder to --resume")
     try:
         # every torch.load in accelerate's load_state defaults to weights_only=True; custom objects (the only
         # weights_only=False path) are never registered, and their files were refused above
@@ -154,11 +164,21 @@ def _check_random_states(checkpoint: Path) -> None:
 
 ARCHITECTURE_KEYS = ("backbone", "image_size", "pred_size", "overlap", "bottleneck", "batch_size",
                      "gradient_accumulation_steps", "adversarial_weight", "mask", "seed", "data", "decoder_norm")
+# what each step learns from, besides the architecture: a resume may change these only when asked to
+# (--allow-recipe-change), and the change is recorded. --max-steps, --schedule-steps, logging, checkpointing,
+# workers, precision and the stopping flags may change freely.
+RECIPE_KEYS = ("data_split", "streaming", "mask_shapes", "mask_source", "loss", "high_pass_weight", "augment",
+               "fc_dropout", "lr", "beta1", "weight_decay", "discriminator_lr", "lr_schedule", "warmup_steps")
 
 
-def check_resumable(checkpoint: Path, cfg: TrainConfig) -> None:
-    """Refuse to resume a checkpoint of a different run (other architecture, batch, data...), or one holding
-    pickles ce-pretrain never writes."""
+def check_resumable(checkpoint: Path, cfg: TrainConfig) -> dict[str, list]:
+    """Refuse to resume a checkpoint of a different run (other architecture, batch, data...), one trained with
+    another recipe (loss, lr, augmentation...) unless ``cfg.allow_recipe_change``, or one holding pickles
+    ce-pretrain never writes.
+
+    Returns:
+        the recipe settings this resume changes, ``{key: [checkpoint's, now]}`` (empty when none).
+    """
     # a key missing from an older checkpoint's run.json had its default then
     saved = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | read_run_json(checkpoint)["config"]
     _check_no_foreign_pickles(checkpoint)
@@ -167,6 +187,17 @@ def check_resumable(checkpoint: Path, cfg: TrainConfig) -> None:
             if saved.get(k) != getattr(cfg, k)]
     if diff:
         raise ConfigError(f"checkpoint {str(checkpoint)!r} belongs to another run ({'; '.join(diff)})")
+    changes = {k: [saved.get(k), getattr(cfg, k)] for k in RECIPE_KEYS if saved.get(k) != getattr(cfg, k)}
+    if changes and not cfg.allow_recipe_change:
+        raise ConfigError(f"checkpoint {str(checkpoint)!r} was trained with other settings "
+                          f"({describe_changes(changes)}): resume with the same flags, or add "
+                          "--allow-recipe-change to go on with the new ones (recorded in the run's summary)")
+    return changes
+
+
+def describe_changes(changes: dict[str, list]) -> str:
+    """``{"lr": [1e-4, 1e-5]}`` → ``"--lr 0.0001 → 1e-05"``."""
+    return "; ".join(f"--{k.replace('_', '-')} {before!r} → {after!r}" for k, (before, after) in changes.items())
 
 
 # ------------------------------------------------------------------------------------------- the output folder

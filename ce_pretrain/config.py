@@ -101,6 +101,7 @@ class TrainConfig:
     cpu: bool = False
     max_time: float | None = None
     overwrite: bool = False
+    allow_recipe_change: bool = False
 
     @property
     def adversarial(self) -> bool:
@@ -241,6 +242,10 @@ def build_parser(prog: str = "ce_pretrain/train.py") -> argparse.ArgumentParser:
                         "tracker), or none")
     r.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
                    help="continue from the latest checkpoint in --output-dir, or from the given checkpoint folder")
+    r.add_argument("--allow-recipe-change", action="store_true",
+                   help="with --resume: go on with a changed learning recipe (--lr, --loss, --augment, "
+                        "--fc-dropout, masks' source...), which is otherwise refused; the change is recorded in "
+                        "train_summary.json, the checkpoints and the model card")
     r.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --output-dir that holds an earlier run: its model, checkpoints, samples "
                         "and logs are deleted first (without this or --resume such a folder is refused)")
@@ -302,7 +307,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         log_with=log_with, push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id,
         num_workers=args.num_workers, channels_last=args.channels_last, max_nonfinite_steps=args.max_nonfinite_steps,
         check_finite_every=args.check_finite_every, compile=args.compile, cuda_graph=args.cuda_graph,
-        cpu=args.cpu, overwrite=args.overwrite,
+        cpu=args.cpu, overwrite=args.overwrite, allow_recipe_change=args.allow_recipe_change,
         max_time=None if args.max_time is None else parse_duration(args.max_time),
         **{k: v for k, v in preset.items() if k in TrainConfig.__dataclass_fields__},
     )
@@ -389,6 +394,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.cuda_graph and (cfg.cpu or not _cuda_available()):
         raise ConfigError("--cuda-graph needs a CUDA GPU" + ("; it cannot be combined with --cpu" if cfg.cpu else
                                                              ", and none is available here"))
+    if cfg.allow_recipe_change and not cfg.resume:
+        raise ConfigError("--allow-recipe-change only applies when resuming: add --resume")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it: pass one of them")
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_dir():

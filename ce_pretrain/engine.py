@@ -29,6 +29,7 @@ from .checkpoint import (
     TrainState,
     check_resumable,
     checkpoint_dir,
+    describe_changes,
     latest_checkpoint,
     load_checkpoint,
     prepare_output_dir,
@@ -108,7 +109,8 @@ def checkpoint_to_resume(cfg: TrainConfig) -> Path | None:
     return latest_checkpoint(cfg.output_dir) if cfg.resume == "latest" else Path(cfg.resume)
 
 
-def resume(accelerator: Accelerator, cfg: TrainConfig, state: TrainState) -> None:
+def resume(accelerator: Accelerator, cfg: TrainConfig, state: TrainState,
+           objective: ContextEncoderObjective) -> None:
     """Restore models, optimisers, RNGs and ``state`` from ``cfg.resume`` (``"latest"`` or a folder), if asked."""
     if not cfg.resume:
         return
@@ -116,9 +118,16 @@ def resume(accelerator: Accelerator, cfg: TrainConfig, state: TrainState) -> Non
     if ckpt is None:
         accelerator.print(f"no checkpoint in {checkpoint_dir(cfg.output_dir)}; starting from scratch")
         return
-    check_resumable(ckpt, cfg)
+    changes = check_resumable(ckpt, cfg)
     load_checkpoint(accelerator, ckpt, state)
     accelerator.print(f"resumed from {ckpt} at step {state.step}")
+    if changes:  # asked for with --allow-recipe-change; kept in run.json, the summary and the model card
+        state.recipe_changes.append({"step": state.step, "changes": changes})
+        objective.apply_flag_settings()  # the checkpoint's optimiser state brought back its own lr, betas, decay
+        accelerator.print(f"from step {state.step} on, with a changed recipe: {describe_changes(changes)}")
+    if state.step >= cfg.max_steps:
+        accelerator.print(f"the checkpoint is at step {state.step}, at or past --max-steps {cfg.max_steps}: nothing "
+                          f"to train; the model is written as it stands (raise --max-steps to go on)")
 
 
 def make_loader(cfg: TrainConfig, items, image_column: str | None, accelerator: Accelerator, start_step: int):
@@ -274,7 +283,8 @@ def _last_good(cfg: TrainConfig) -> str:
     ckpt = latest_checkpoint(cfg.output_dir)  # every saved checkpoint passed ensure_finite_weights
     if ckpt is None:
         return "No checkpoint was saved before it."
-    return f"The last finite checkpoint is {ckpt} (--resume {ckpt} with a lower --lr continues from it)."
+    return (f"The last finite checkpoint is {ckpt} (--resume {ckpt} --lr LOWER --allow-recipe-change continues "
+            f"from it).")
 
 
 def finish(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEncoderObjective, state: TrainState,
@@ -296,6 +306,9 @@ def finish(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEncoder
             "mixed_precision": cfg.mixed_precision, "processes": accelerator.num_processes,
             "images_per_second": summary["images_per_second"], "final_loss": summary["final"].get("loss"),
             "seed": cfg.seed}
+    if state.recipe_changes:
+        card["changed_on_resume"] = "; ".join(f"from step {c['step']}: {describe_changes(c['changes'])}"
+                                              for c in state.recipe_changes)
     # the Hub mixin writes in place: stage its files beside the run and rename each one, so that a kill (or a
     # second Ctrl-C) mid-save leaves the previous model.safetensors / config.json whole
     staging = out / f".tmp-model-{os.getpid()}"
@@ -374,7 +387,7 @@ def _run(cfg: TrainConfig, items, image_column: str | None, description: str, re
         if cfg.encoder_init == "rescale" and checkpoint_to_resume(cfg) is None else None
     objective = ContextEncoderObjective.build(cfg, accelerator, shapes, init_images=init_images)
     state = TrainState()  # saved as JSON in run.json, not registered with accelerate (that would be a pickle)
-    resume(accelerator, cfg, state)
+    resume(accelerator, cfg, state, objective)
     if not cfg.cuda_graph:  # a --cuda-graph checkpoint stores its rates as tensors
         for opt in objective.optimizers:
             plain_rates(opt)
@@ -393,7 +406,7 @@ def _run(cfg: TrainConfig, items, image_column: str | None, description: str, re
         "skipped_files": sorted(set().union(*gather_object([state.skipped]))), "data": description,
         "processes": accelerator.num_processes, "mixed_precision": cfg.mixed_precision,
         "config": dataclasses.asdict(cfg), "exit_code": exit_status(stopped),
-        "stopped": describe(stopped),
+        "stopped": describe(stopped), "recipe_changes": state.recipe_changes,
     }
     finish(cfg, accelerator, objective, state, summary, samples, resume_command)
     accelerator.wait_for_everyone()

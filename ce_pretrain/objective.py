@@ -70,6 +70,17 @@ class ContextEncoderObjective:
         self._base_lrs = [(opt, [float(g["lr"]) for g in opt.param_groups])
                           for opt in (opt_g, opt_d) if opt is not None]
         self.lr_factor = 1.0
+        # the other settings the flags gave the optimisers, which a checkpoint's param groups replace on resume
+        self._settings = [(opt, [{k: g[k] for k in ("betas", "weight_decay") if k in g} for g in opt.param_groups])
+                          for opt in (opt_g, opt_d) if opt is not None]
+
+    def apply_flag_settings(self) -> None:
+        """Put this run's learning rates, betas and weight decay back into the optimisers after a checkpoint's
+        param groups replaced them (a resume that changed them with ``--allow-recipe-change``)."""
+        for opt, settings in self._settings:
+            for group, setting in zip(opt.param_groups, settings):
+                group.update(setting)
+        self.scale_lr(self.lr_factor)
 
     @property
     def optimizers(self) -> list:

@@ -211,6 +211,41 @@ def test_resume_of_another_run_is_refused(image_folder, tmp_path, capsys):
     check_resumable(ckpt, resolve_config(build_parser().parse_args(args)))
 
 
+def test_resume_with_another_recipe_is_refused_unless_asked_and_then_recorded(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--data", str(image_folder), "--output-dir", str(out), *TINY]
+    run(*base, "--max-steps", "2")
+    changed = [*base, "--max-steps", "4", "--resume", "--lr", "1e-2", "--loss", "l1"]
+    assert main(changed) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--loss 'l2' → 'l1'; --lr 0.0001 → 0.01" in err, err
+    assert "--allow-recipe-change" in err and latest_checkpoint(out).name == "step_00000002"
+    assert main([*base, "--max-steps", "4", "--allow-recipe-change"]) == 2
+    assert "only applies when resuming" in capsys.readouterr().err
+
+    proc = run(*changed, "--allow-recipe-change")
+    assert "with a changed recipe: --loss 'l2' → 'l1'; --lr 0.0001 → 0.01" in proc.stdout
+    record = [{"step": 2, "changes": {"loss": ["l2", "l1"], "lr": [1e-4, 1e-2]}}]
+    assert json.loads((out / "train_summary.json").read_text())["recipe_changes"] == record
+    ckpt = latest_checkpoint(out)
+    assert json.loads((ckpt / "run.json").read_text())["state"]["recipe_changes"] == record
+    assert "from step 2: --loss 'l2' → 'l1'; --lr 0.0001 → 0.01" in (out / "README.md").read_text()  # the model card
+    # the new rate is the one the optimiser used, not the checkpoint's (its param groups came back with it)
+    opt = torch.load(ckpt / "optimizer.bin", weights_only=True)
+    assert [g["lr"] for g in opt["param_groups"]] == [1e-2]
+
+    # resumed again with the same flags: nothing to change, and nothing to train at the checkpoint's step
+    proc = run(*changed, "--allow-recipe-change")
+    assert "nothing to train" in proc.stdout and "changed recipe" not in proc.stdout
+    assert json.loads((out / "train_summary.json").read_text())["recipe_changes"] == record
+
+    # a checkpoint without its weights: one line naming the missing file (not accelerate's pickle fallback)
+    (ckpt / "model.safetensors").unlink()
+    assert main([*changed[:-4], "--max-steps", "6", "--resume", str(ckpt), "--lr", "1e-2", "--loss", "l1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is incomplete (model.safetensors missing)" in err, err
+
+
 def test_inpainting_preset_joint_loss_bf16(image_folder, tmp_path):
     out = tmp_path / "inp"
     run("--preset", "inpainting", "--data", str(image_folder), "--image-size", "64", "--batch-size", "4",
