@@ -49,6 +49,7 @@ def _load_model(ref: str, device: torch.device):
     :meth:`ContextEncoder.from_pretrained`)."""
     from .model import ContextEncoder, IncompatibleCheckpointError
 
+    _refuse_timm_export(ref)
     try:
         model = ContextEncoder.from_pretrained(ref)
     except (FileNotFoundError, IncompatibleCheckpointError) as e:
@@ -58,6 +59,21 @@ def _load_model(ref: str, device: torch.device):
     except (ValueError, TypeError) as e:  # a config.json that does not describe a ContextEncoder
         raise CLIError(f"--model {ref!r}: not a ce-pretrain model ({_first_line(e)})") from e
     return model.to(device).eval()
+
+
+def _refuse_timm_export(ref: str) -> None:
+    """A training run's ``timm-encoder/`` (or ``ce-pretrain export``'s folder) holds the encoder alone, which
+    cannot inpaint: say so, and where the whole model is, instead of listing the tensors it lacks."""
+    config = Path(ref) / "config.json"
+    try:
+        is_timm = config.is_file() and "architecture" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # from_pretrained reports it
+    if is_timm:
+        parent = Path(ref).resolve().parent
+        hint = f"; the whole model is in {str(parent)!r}" if (parent / "model.safetensors").is_file() else ""
+        raise CLIError(f"--model {ref!r} is a timm encoder export (the encoder alone, for "
+                       f"timm.create_model('local-dir:...') and transfer), not a ContextEncoder{hint}")
 
 
 def _check_writable(folder: Path, flag: str) -> None:

@@ -10,6 +10,7 @@ from PIL import Image
 
 from ce_pretrain import ContextEncoder
 from ce_pretrain.cli import main
+from ce_pretrain.export import save_timm_encoder
 
 ARGS = dict(backbone="dcgan_encoder", image_size=64, backbone_kwargs=dict(width=8))
 COMMANDS = ["train", "inpaint", "evaluate", "neighbors", "card", "export"]
@@ -91,7 +92,7 @@ def test_inpaint_with_a_mask_image(env, tmp_path, capsys):
     assert changed.any() and not (changed & (mask == 0)).any()
 
 
-@pytest.mark.parametrize("case", ["missing model", "not a model folder", "bad weights", "bad config",
+@pytest.mark.parametrize("case", ["missing model", "not a model folder", "bad weights", "bad config", "timm export",
                                   "unreadable image", "missing image", "mask of the wrong size", "unknown mask"])
 def test_inpaint_bad_input_is_one_line_and_writes_nothing(env, tmp_path, capsys, case):
     model, images, extra = env / "model", [env / "data" / "img0.png", env / "data" / "img1.png"], []
@@ -107,6 +108,10 @@ def test_inpaint_bad_input_is_one_line_and_writes_nothing(env, tmp_path, capsys,
         model = tmp_path / "m"
         shutil.copytree(env / "model", model)
         (model / "config.json").write_text('{"backbone": "dcgan_en')
+    elif case == "timm export":  # a run's timm-encoder/ holds the encoder alone: named, with the model's folder
+        model = tmp_path / "m" / "timm-encoder"
+        shutil.copytree(env / "model", tmp_path / "m")
+        save_timm_encoder(ContextEncoder.from_pretrained(str(env / "model")), model)
     elif case == "unreadable image":  # the second image is bad: the first must not be written either
         (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
         images = [env / "data" / "img0.png", tmp_path / "broken.png"]
@@ -122,6 +127,8 @@ def test_inpaint_bad_input_is_one_line_and_writes_nothing(env, tmp_path, capsys,
     assert not (tmp_path / "out").exists()
     if case == "bad config":
         assert "its config.json is not valid JSON" in err
+    if case == "timm export":
+        assert "is a timm encoder export" in err and f"the whole model is in {str(tmp_path / 'm')!r}" in err
 
 
 def test_evaluate_prints_the_table_and_writes_json(env, tmp_path, capsys):
