@@ -242,6 +242,27 @@ def test_more_bad_input_is_one_line_and_exit_2(tmp_path, folders, capsys):
     assert err.count("\n") == 1 and "takes 224×224 images only" in err
 
 
+def test_a_bad_model_fails_before_the_data_is_read_or_the_output_folder_made(tmp_path, folders, capsys):
+    train = tmp_path / "train"
+    _folder(train, 2)
+    (train / "red" / "empty.jpg").write_bytes(b"")  # would be reported as skipped if the data were read first
+    half = tmp_path / "half"  # a model folder whose weights never arrived
+    half.mkdir()
+    (half / "config.json").write_text('{"backbone": "alexnet"}')
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"backbone": "alex')
+    cases = {"random:notanet": "notanet", str(tmp_path / "absent"): "is not a directory",
+             str(half): "has no model.safetensors", str(broken): "is not valid JSON"}
+    for model, words in cases.items():
+        out = tmp_path / "out"
+        assert main(["--model", model, "--train", str(train), "--val", str(folders[1]), "--num-workers", "0",
+                     "--mode", "knn", "--output-dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err and "skipped" not in err, (model, err)
+        assert not out.exists()
+
+
 def test_unreadable_images_are_skipped_and_listed(tmp_path, folders, capsys):
     train = tmp_path / "train"
     _folder(train, 4)

@@ -24,7 +24,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-__all__ = ["CheckpointError", "EncoderCheckpoint", "load_encoder", "load_strict"]
+__all__ = ["CheckpointError", "EncoderCheckpoint", "check_source", "load_encoder", "load_strict"]
 
 RANDOM_PREFIX = "random:"
 
@@ -123,6 +123,44 @@ def random_encoder(backbone: str, image_size: int = 227, seed: int = 0) -> Encod
     return EncoderCheckpoint(backbone=backbone, state_dict=state, image_size=image_size, source=f"random:{backbone}")
 
 
+def check_source(source: str | os.PathLike) -> None:
+    """What :func:`load_encoder` can tell about ``source`` without reading weights or building a model: a known
+    timm name after ``random:``, or a folder with a readable ``config.json`` and its ``model.safetensors``. The
+    entry points call it before they read any data or create their output folder. A Hub id is left to
+    :func:`load_encoder`.
+
+    Raises:
+        CheckpointError: one line saying what is wrong.
+    """
+    source = str(source)
+    if source.startswith(RANDOM_PREFIX):
+        from ce_pretrain.model import UnknownBackboneError, resolve_backbone_name
+
+        try:
+            resolve_backbone_name(source[len(RANDOM_PREFIX):])
+        except UnknownBackboneError as err:
+            raise CheckpointError(str(err)) from None
+        return
+    path = Path(source)
+    if not path.is_dir():
+        if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
+            raise CheckpointError(f"checkpoint {source!r} is not a directory (nor a Hub id of the form owner/name)")
+        return
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{source!r} has no config.json; expected a ContextEncoder.save_pretrained folder "
+                              "or a timm encoder folder")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{str(config_file)!r} is not valid JSON ({str(err).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{str(config_file)!r} does not describe a model (not a JSON object)")
+    if not (path / "model.safetensors").is_file():
+        kind = "timm encoder folder" if "architecture" in config else "model folder"
+        raise CheckpointError(f"{kind} {source!r} has no model.safetensors")
+
+
 def load_encoder(source: str | os.PathLike, image_size: int | None = None, seed: int = 0) -> EncoderCheckpoint:
     """Load a pretrained encoder from a directory, a Hub id, or ``random:<timm name>``.
 
@@ -136,21 +174,16 @@ def load_encoder(source: str | os.PathLike, image_size: int | None = None, seed:
         CheckpointError: one line saying what is missing or does not fit.
     """
     source = str(source)
+    check_source(source)
     if source.startswith(RANDOM_PREFIX):
         return random_encoder(source[len(RANDOM_PREFIX):], image_size or 227, seed)
     from ce_pretrain import ContextEncoder, IncompatibleCheckpointError
 
     path = Path(source)
     if path.is_dir():
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise CheckpointError(f"{source!r} has no config.json; expected a ContextEncoder.save_pretrained folder "
-                                  "or a timm encoder folder")
-        config = json.loads(config_file.read_text())
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
         if "architecture" in config:
             return _from_timm_folder(path, config)
-    elif path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise CheckpointError(f"checkpoint {source!r} is not a directory (nor a Hub id of the form owner/name)")
     try:
         model = ContextEncoder.from_pretrained(source)
     except (IncompatibleCheckpointError, OSError, TypeError, ValueError) as err:  # OSError: no folder, Hub errors

@@ -176,11 +176,11 @@ def _json_config(config: dict) -> dict:
     return json.loads(json.dumps(config, default=str))
 
 
-def _check_same_run(saved: dict, config: dict, checkpoint: Path) -> None:
+def _check_same_run(saved: dict, config: dict, what: str) -> None:
     differ = sorted(k for k in set(saved) | set(config) if k not in _RUN_KEYS and saved.get(k) != config.get(k))
     if differ:
         k = differ[0]
-        raise UsageError(f"checkpoint {str(checkpoint)!r} is of another run: --{k.replace('_', '-')} was "
+        raise UsageError(f"{what} is of another run: --{k.replace('_', '-')} was "
                          f"{saved.get(k)!r}, now {config.get(k)!r} ({len(differ)} setting(s) differ)")
 
 
@@ -195,7 +195,7 @@ def _finished_run(out: Path, config: dict) -> dict | None:
         return None
     if not (previous.get("complete") and isinstance(previous.get("config"), dict)):
         return None
-    _check_same_run(previous["config"], config, results)
+    _check_same_run(previous["config"], config, f"the finished run {str(results)!r}")
     print(f"{results} holds the finished run; nothing to resume", file=sys.stderr)
     return previous
 
@@ -251,7 +251,7 @@ def _fit(task: Task, cfg: EngineConfig, out: Path) -> dict:
             accelerator.print(f"no checkpoint in {out / CHECKPOINTS}; starting from scratch")
     if checkpoint is not None:
         state, tensors = load_snapshot(accelerator, checkpoint, accelerator.unwrap_model(model), optimizer)
-        _check_same_run(state["config"], config, checkpoint)
+        _check_same_run(state["config"], config, f"checkpoint {str(checkpoint)!r}")
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
         if accelerator.scaler is not None and state.get("scaler"):

@@ -39,7 +39,7 @@ from ce_pretrain.data import ImageReadError
 from ce_pretrain.host_memory import retain_freed_memory
 from ce_pretrain.rescale import rescale_
 from ce_pretrain.stopping import StopRequest, describe
-from transfer.common.checkpoint import EncoderCheckpoint, load_encoder
+from transfer.common.checkpoint import EncoderCheckpoint, check_source, load_encoder
 from transfer.common.cli import (
     OneLineParser,
     RunFlags,
@@ -275,6 +275,7 @@ def run(cfg: ImageFolderConfig) -> dict:
         raise ImageFolderError("give exactly one of --val DIR and --holdout FRACTION")
     check_positive(batch_size=cfg.batch_size, k=cfg.k, rescale_images=cfg.rescale_images, epochs=cfg.epochs,
                    max_steps=cfg.max_steps, image_size=cfg.image_size, labels_per_class=cfg.labels_per_class)
+    check_source(cfg.model)  # a missing or half-written model fails before any data is read or folder made
     markers = ("results.json", "checkpoints", PROBE_STATE)
     out = check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite, markers=markers)
     # fine-tuning claims the folder in the engine's fit(); the probes hold it here
