@@ -125,3 +125,9 @@ def test_bad_input_found_before_training(setup, tmp_path, capsys, entry):
     assert entry(["--model", model, "--data-root", str(broken), *split, "--output-dir", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "1 of 2 ids lack a file" in err and ids[0] in err
+    half = tmp_path / "half"  # a model folder whose weights never arrived: refused before the data or the folder
+    half.mkdir()
+    (half / "config.json").write_text('{"backbone": "resnet18"}')
+    assert entry(["--model", str(half), "--data-root", data, *split, "--output-dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no model.safetensors" in err and not (tmp_path / "c").exists()

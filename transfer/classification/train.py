@@ -22,7 +22,7 @@ from accelerate.utils import set_seed
 from torch import nn
 from torchvision.transforms import v2 as T
 
-from transfer.common import VOC_CLASSES, VOCClassification, cli, load_encoder
+from transfer.common import VOC_CLASSES, VOCClassification, check_source, cli, load_encoder
 from transfer.common.checkpoint import EncoderCheckpoint
 from transfer.common.cli import OneLineParser
 from transfer.common.engine import EngineConfig, Task, fit
@@ -133,6 +133,7 @@ def run(cfg: ClassificationConfig) -> dict:
     ``<output_dir>/results.json``."""
     cli.check_positive(max_steps=cfg.max_steps, epochs=cfg.epochs, batch_size=cfg.batch_size, test_crops=cfg.test_crops,
                    probe_grid=cfg.probe_grid)
+    check_source(cfg.model)  # a missing or half-written model fails before the data or the output folder
     cli.check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
     set_seed(cfg.seed)
     train_ids, test_ids = _splits(cfg)

@@ -1,7 +1,7 @@
 """Shared by every transfer target: checkpoints, backbone taps, the flag vocabulary, the fine-tuning engine, VOC
 data and VOC metrics."""
 
-from .checkpoint import CheckpointError, EncoderCheckpoint, load_encoder
+from .checkpoint import CheckpointError, EncoderCheckpoint, check_source, load_encoder
 from .cli import RunInterrupted, UsageError, add_common_args, check_output_dir, claim_output_dir, run_main
 from .engine import EngineConfig, Task, fit
 from .features import TimmFeatures, choose_taps, default_taps
@@ -21,6 +21,7 @@ __all__ = [
     "VOCLayoutError",
     "VOCSegmentation",
     "add_common_args",
+    "check_source",
     "check_output_dir",
     "claim_output_dir",
     "choose_taps",

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from accelerate.utils import set_seed
 
-from transfer.common import VOC_CLASSES, VOCDetection, cli, load_encoder
+from transfer.common import VOC_CLASSES, VOCDetection, check_source, cli, load_encoder
 from transfer.common.cli import OneLineParser
 from transfer.common.engine import EngineConfig, Task, fit
 from transfer.common.voc import holdout_split, read_split, resolve_voc_dir
@@ -92,6 +92,7 @@ def run(cfg: DetectionConfig) -> dict:
     ``<output_dir>/results.json``."""
     cli.check_positive(max_steps=cfg.max_steps, epochs=cfg.epochs, batch_size=cfg.batch_size, min_size=cfg.min_size,
                    max_size=cfg.max_size, test_proposals=cfg.test_proposals)
+    check_source(cfg.model)  # a missing or half-written model fails before the data or the output folder
     cli.check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
     set_seed(cfg.seed)
     voc = resolve_voc_dir(cfg.data_root, cfg.year)

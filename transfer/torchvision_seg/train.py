@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from torchvision.transforms import v2 as T
 from torchvision.tv_tensors import Image, Mask
 
-from transfer.common import VOC_CLASSES, VOCSegmentation, cli, load_encoder
+from transfer.common import VOC_CLASSES, VOCSegmentation, check_source, cli, load_encoder
 from transfer.common.cli import OneLineParser
 from transfer.common.confusion import ConfusionMatrix
 from transfer.common.engine import EngineConfig, Task, fit
@@ -94,6 +94,7 @@ def run(cfg: SegmentationConfig) -> dict:
     """Train and evaluate; returns ``{"mIoU", "per_class_IoU", "steps", ...}`` (percent), also written to
     ``<output_dir>/results.json``."""
     cli.check_positive(max_steps=cfg.max_steps, epochs=cfg.epochs, batch_size=cfg.batch_size, crop_size=cfg.crop_size)
+    check_source(cfg.model)  # a missing or half-written model fails before the data or the output folder
     cli.check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
     set_seed(cfg.seed)
     voc = resolve_voc_dir(cfg.data_root, cfg.year)
