@@ -15,12 +15,11 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import socket
 import time
 from pathlib import Path
 
-from .atomic import ensure_writable_dir, write_text_atomic
+from .atomic import complete_dirs, ensure_writable_dir, remove_dir, remove_leftovers, replace_dir, write_text_atomic
 from .config import ConfigError, TrainConfig
 
 __all__ = ["ARCHITECTURE_KEYS", "RECIPE_KEYS", "RunLock", "TrainState", "check_resumable", "checkpoint_dir",
@@ -41,13 +40,14 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def _step(name: str) -> int:
+    return int(name[len(CHECKPOINT_PREFIX):])
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """Newest complete checkpoint (temporary ones from a killed save are ignored)."""
-    root = checkpoint_dir(output_dir)
-    if not root.is_dir():
-        return None
-    done = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / "run.json").is_file()]
-    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+    """Newest complete checkpoint (temporary ones from a killed save are ignored; see ``atomic.complete_dirs``)."""
+    done = complete_dirs(checkpoint_dir(output_dir), CHECKPOINT_PREFIX, "run.json")
+    return done[max(done, key=_step)] if done else None
 
 
 class TrainState:
@@ -72,14 +72,15 @@ class TrainState:
 def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainState) -> Path:
     """``accelerator.save_state`` and ``run.json`` into a temporary folder, renamed into place only once complete.
 
-    A run killed at any moment (even ``kill -9`` mid-write) leaves the previous checkpoints intact; the oldest
-    are deleted only after the new one is in place.
+    A run killed at any moment (even ``kill -9`` mid-write or mid-delete) leaves the previous checkpoints intact;
+    the oldest are deleted only after the new one is in place, and a checkpoint of the same step (the final save
+    of a run resumed at its last step) is swapped, never deleted first (``atomic.replace_dir``).
     """
     root = checkpoint_dir(cfg.output_dir)
     final = root / f"{CHECKPOINT_PREFIX}{state.step:08d}"
     tmp = root / f".tmp-{final.name}"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_leftovers(root)  # of a killed save (the run's lock makes this process the folder's only writer)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
@@ -87,13 +88,10 @@ def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainState) -> Path:
     if accelerator.is_main_process:
         run = {"step": state.step, "state": state.state_dict(), "config": dataclasses.asdict(cfg)}
         write_text_atomic(tmp / "run.json", json.dumps(run, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        kept = sorted((p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()),
-                      key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+        replace_dir(tmp, final)
+        kept = sorted((p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()), key=lambda p: _step(p.name))
         for old in kept[: -cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_dir(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -300,6 +298,6 @@ def remove_run_outputs(folder: Path, patterns: tuple[str, ...] | list[str]) -> N
     ``patterns`` (names or globs such as ``model_*.pth``), nothing else — the user's other files stay."""
     for target in [t for pattern in patterns for t in folder.glob(pattern)]:
         if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
+            remove_dir(target)
         else:
             target.unlink(missing_ok=True)

@@ -312,7 +312,8 @@ def finish(cfg: TrainConfig, accelerator: Accelerator, objective: ContextEncoder
     # the Hub mixin writes in place: stage its files beside the run and rename each one, so that a kill (or a
     # second Ctrl-C) mid-save leaves the previous model.safetensors / config.json whole
     staging = out / f".tmp-model-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    for leftover in [*out.glob(".tmp-model-*"), staging]:  # a killed save's (the run's lock: no other writer)
+        shutil.rmtree(leftover, ignore_errors=True)
     core.save_pretrained(staging, model_card_kwargs=dict(training=card, repo_id=cfg.hub_model_id))
     for file in staging.iterdir():
         os.replace(file, out / file.name)

@@ -249,6 +249,26 @@ def test_crafted_pickle_in_accelerate_state_never_runs(checkpointed_run, tmp_pat
     assert rc == 2 and "cannot resume" in one_line_error(err, "ce-pretrain train")
 
 
+def test_a_run_killed_while_re_saving_its_last_checkpoint_resumes_from_it(image_folder, tmp_path):
+    """The last save of a run resumed at its final step re-saves that step; a SIGKILL there (its two renames:
+    atomic.replace_dir) used to find the checkpoint already deleted and the next --resume starting from scratch."""
+    out = tmp_path / "run"
+    common = ["--data", image_folder, "--output-dir", out, "--keep-checkpoints", "1", "--seed", "3", *TINY]
+    rc, _, err = finish(train(*common, "--max-steps", "2"))
+    assert rc == 0, err[-2000:]
+    root = latest_checkpoint(out).parent
+    # the state such a kill leaves: the checkpoint renamed aside, the new copy of it not yet in place
+    os.rename(root / "step_00000002", root / ".old-step_00000002")
+    shutil.copytree(root / ".old-step_00000002", root / ".tmp-step_00000002")
+    (root / ".tmp-step_00000002" / "run.json").unlink()
+    assert latest_checkpoint(out) == root / ".old-step_00000002"
+    rc, stdout, err = finish(train(*common, "--max-steps", "3", "--resume"))
+    assert rc == 0, err[-2000:]
+    assert "starting from scratch" not in stdout + err
+    assert json.loads((out / "train_summary.json").read_text())["resumed_from_step"] == 2
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000003"]  # nothing hidden left behind
+
+
 # --------------------------------------------------------------------------------------- checks up front
 @pytest.mark.parametrize("args,message", [
     (["--backbone", "alexnet", "--image-size", "64"], "too small for alexnet"),

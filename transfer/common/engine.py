@@ -38,7 +38,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -49,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ce_pretrain.atomic import write_text_atomic
+from ce_pretrain.atomic import remove_dir, write_text_atomic
 from ce_pretrain.stopping import StopRequest, agreed, describe
 
 from .cli import RunInterrupted, UsageError, check_positive, claim_output_dir
@@ -362,7 +361,7 @@ def _fit(task: Task, cfg: EngineConfig, out: Path) -> dict:
         with accelerator.autocast():
             results.update(task.evaluate(accelerator.unwrap_model(model), device))
         write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # resumable state of a run that is now finished
+        remove_dir(out / CHECKPOINTS)  # resumable state of a run that is now finished (hidden first: kill-safe)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results

@@ -10,14 +10,14 @@ checkpoint whole; only the newest is kept.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
+
+from ce_pretrain.atomic import complete_dirs, remove_dir, remove_leftovers, replace_dir
 
 from .cli import UsageError
 
@@ -28,10 +28,10 @@ _PREFIX = "step-"
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder under ``output_dir/checkpoints``, or None."""
-    folder = output_dir / CHECKPOINTS
-    done = sorted(p for p in folder.glob(f"{_PREFIX}*") if p.is_dir() and (p / "state.json").is_file())
-    return done[-1] if done else None
+    """The newest complete checkpoint folder under ``output_dir/checkpoints``, or None (see
+    ``ce_pretrain.atomic.complete_dirs``: a kill mid-swap leaves a whole copy that is returned in its place)."""
+    done = complete_dirs(Path(output_dir) / CHECKPOINTS, _PREFIX, "state.json")
+    return done[max(done)] if done else None
 
 
 def _optimizer_split(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -89,7 +89,7 @@ def save_snapshot(accelerator, output_dir: Path, step: int, model: torch.nn.Modu
     final = output_dir / CHECKPOINTS / f"{_PREFIX}{step:06d}"
     tmp = final.with_name(f".{final.name}.tmp")
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_leftovers(final.parent)  # of a killed save (one run per folder: no other writer)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     save_file({**_rng_tensors(), **{k: v.detach().cpu().contiguous() for k, v in rank_tensors.items()}},
@@ -101,11 +101,10 @@ def save_snapshot(accelerator, output_dir: Path, step: int, model: torch.nn.Modu
         save_file(optimizer_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": optimizer_rest,
                                                     "world_size": accelerator.num_processes}, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)  # a checkpoint of the same step is swapped, never deleted first
         for old in (output_dir / CHECKPOINTS).glob(f"{_PREFIX}*"):
             if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_dir(old)
     accelerator.wait_for_everyone()
     return final
 
