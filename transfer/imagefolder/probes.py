@@ -1,9 +1,11 @@
 """Frozen-encoder probes: per-stage pooled features, a weighted kNN and a linear classifier, and their metrics.
 
 Features follow the linear-classification protocol of the self-supervised literature (Zhang et al., 2016): each
-stage's map is average-pooled to about 9,000 values (``C · g² ≈ 9216``), flattened and standardised with the
-training set's statistics. The kNN is Wu et al.'s (2018) weighted vote: cosine similarity, the k = 20 nearest
-training images, each voting ``exp(sim / 0.07)`` for its class.
+stage's map is average-pooled to about 9,000 values (``C · g² ≈ 9216``; fewer where the map is smaller than that
+grid: at 99 px AlexNet's conv5 gives 6,400 and pool5 1,024), flattened and standardised with the training set's
+statistics. The kNN is Wu et al.'s (2018) weighted vote: cosine similarity, the k = 20 nearest training images,
+each voting ``exp(sim / 0.07)`` for its class; it runs on the standardised features too (InstDisc and DINO
+normalise the raw ones), so every stage's channels count alike whatever their scale.
 """
 
 from __future__ import annotations
@@ -107,9 +109,11 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay:
                init: nn.Linear | None = None) -> nn.Linear:
     """Multinomial logistic regression with an L2 penalty on the weights, solved by L-BFGS.
 
-    The problem is convex, so the result depends on the data and ``weight_decay`` only, not on a learning-rate or
-    epoch schedule: the weight decay is the probe's one hyper-parameter. ``init`` (a nearby solution, e.g. for
-    the next weight decay of a sweep) only makes it converge in fewer iterations.
+    The problem is convex, so the solution depends on the data and ``weight_decay`` only, not on a learning-rate or
+    epoch schedule: the weight decay is the probe's one hyper-parameter. ``max_iter`` L-BFGS iterations reach it
+    (to 1e-5) at decays of 1e-2 and above; at 1e-4 and below they stop short, and then ``init`` (a nearby
+    solution, e.g. the previous one of a sweep, which it otherwise only speeds up) shapes the fit too. Both are
+    fixed (the sweep's order, a cold start for the final fit), so the scores are reproducible.
     """
     layer = nn.Linear(x.shape[1], num_classes, device=x.device)
     with torch.no_grad():
