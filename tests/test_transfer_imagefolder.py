@@ -192,13 +192,49 @@ def test_labels_per_class_uses_that_many_labels_and_keeps_the_validation_set(fol
 
 
 @pytest.mark.slow
-def test_finetune_mode_trains_and_reports(folders, tmp_path):
+def test_finetune_mode_trains_reports_and_keeps_a_model_timm_loads(folders, tmp_path):
+    import timm
+
+    from transfer.imagefolder.data import LabelledImages, eval_transform
+
     out = tmp_path / "ft"
-    result = run(_cfg(folders[0], folders[1], "finetune", output_dir=str(out), max_steps=4, lr=1e-3))
+    result = run(_cfg(folders[0], folders[1], "finetune", output_dir=str(out), max_steps=4, lr=1e-3,
+                      save_model=True))
     saved = json.loads((out / "results.json").read_text())
     assert saved["steps"] == 4 and saved["mode"] == "finetune"
     assert 0 <= saved["top1"] <= 100 and set(saved["per_class"]) == {"blue", "green", "red"}
     assert np.isfinite(result["final_loss"])
+    # --save-model: the fine-tuned classifier as a timm folder, scoring the test images as results.json says
+    assert saved["model_dir"] == str(out / "model") and not list(out.glob(".tmp-*"))
+    model = timm.create_model(f"local-dir:{out / 'model'}", pretrained=True).eval()
+    cfg = model.pretrained_cfg
+    assert cfg["label_names"] == saved["classes"] and cfg["input_size"] == [3, 67, 67]
+    val = LabelledImages(scan(folders[1], saved["classes"])[0], eval_transform(67, cfg["mean"], cfg["std"]))
+    with torch.no_grad():
+        logits = model(torch.stack([val[i][0] for i in range(len(val))]))
+    top1 = (logits.argmax(1) == val.labels).float().mean().item() * 100
+    assert top1 == pytest.approx(saved["top1"], abs=1e-4)
+    assert not torch.equal(logits, torch.zeros_like(logits))
+    # the same folder without --save-model, afresh: the earlier model goes with the earlier results
+    run(_cfg(folders[0], folders[1], "finetune", output_dir=str(out), max_steps=1, overwrite=True))
+    assert not (out / "model").exists() and "model_dir" not in json.loads((out / "results.json").read_text())
+
+
+def test_a_saved_classifier_loads_in_timm_with_its_weights_classes_and_transform(tmp_path):
+    import timm
+
+    from transfer.common import load_encoder
+    from transfer.imagefolder.finetune import save_timm_classifier
+
+    ckpt = load_encoder("random:resnet18", 64, seed=1)
+    model = ckpt.create_model(num_classes=3)
+    save_timm_classifier(model, tmp_path, ckpt, ["cat", "dog", "fox"], 64)
+    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cfg = loaded.pretrained_cfg
+    assert cfg["label_names"] == ["cat", "dog", "fox"] and cfg["input_size"] == [3, 64, 64]
+    assert tuple(cfg["mean"]) == tuple(ckpt.mean) and cfg["crop_pct"] == 0.875
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, folders, capsys):
@@ -218,6 +254,9 @@ def test_more_bad_input_is_one_line_and_exit_2(tmp_path, folders, capsys):
     common = ["--model", "random:alexnet", "--num-workers", "0", "--output-dir", str(tmp_path / "out")]
     assert main([*common, "--train", str(folders[0]), "--holdout", "0"]) == 2  # was a TypeError from pathlib
     assert "hold-out fraction must be in (0, 1)" in capsys.readouterr().err
+    assert main([*common, "--train", str(folders[0]), "--holdout", "0.2", "--mode", "linear", "--save-model"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--mode linear trains none" in err
     with pytest.raises(SystemExit) as stop:  # argparse's own errors exit from the parser
         main([*common, "--train", str(folders[0]), "--val", str(folders[1]), "--holdout", "0.2"])
     assert stop.value.code == 2

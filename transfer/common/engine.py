@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ce_pretrain.atomic import remove_dir, write_text_atomic
+from ce_pretrain.atomic import remove_dir, replace_dir, write_text_atomic
 from ce_pretrain.stopping import StopRequest, agreed, describe
 
 from .cli import RunInterrupted, UsageError, check_positive, claim_output_dir
@@ -59,7 +59,9 @@ __all__ = ["EngineConfig", "Task", "TrainingDiverged", "fit"]
 
 LossOutput = torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]
 # flags that change how a run executes but not what it computes: free to differ when resuming
-_RUN_KEYS = {"output_dir", "resume", "overwrite", "max_time", "num_workers", "log_with", "mixed_precision"}
+_RUN_KEYS = {"output_dir", "resume", "overwrite", "max_time", "num_workers", "log_with", "mixed_precision",
+             "save_model"}
+MODEL_DIR = "model"  # where a task's ``save`` puts the trained model
 _RECENT = 10  # final_loss: mean of the last 10 step losses
 
 
@@ -87,6 +89,8 @@ class Task:
         clip_grad_norm: clip the gradient norm to this before each step.
         config: the task's flags (JSON-typed), saved in ``results.json`` and checked on resume.
         info: more entries for ``results.json`` (e.g. the backbone, the number of test images).
+        save: ``(model, folder) → None`` writes the trained (unwrapped) model into ``folder``, which the engine then
+            puts in place as ``output_dir/model/`` in one rename, before ``results.json``; None: no model is kept.
     """
 
     name: str
@@ -104,6 +108,7 @@ class Task:
     clip_grad_norm: float | None = None
     config: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    save: Callable[[nn.Module, Path], None] | None = None
 
 
 @dataclass
@@ -213,7 +218,8 @@ def fit(task: Task, cfg: EngineConfig) -> dict:
     """
     check_positive(batch_size=task.batch_size, max_steps=task.max_steps, epochs=task.epochs,
                    log_every=cfg.log_every)
-    with claim_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite) as out:
+    with claim_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite,
+                          markers=("results.json", CHECKPOINTS, MODEL_DIR)) as out:
         return _fit(task, cfg, out)
 
 
@@ -360,6 +366,13 @@ def _fit(task: Task, cfg: EngineConfig, out: Path) -> dict:
     if accelerator.is_main_process:
         with accelerator.autocast():
             results.update(task.evaluate(accelerator.unwrap_model(model), device))
+        if task.save is not None:
+            staging = out / f".tmp-{MODEL_DIR}"
+            remove_dir(staging)
+            staging.mkdir()
+            task.save(accelerator.unwrap_model(model), staging)
+            replace_dir(staging, out / MODEL_DIR)
+            results["model_dir"] = str(out / MODEL_DIR)
         write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
         remove_dir(out / CHECKPOINTS)  # resumable state of a run that is now finished (hidden first: kill-safe)
     accelerator.wait_for_everyone()

@@ -51,6 +51,7 @@ from transfer.common.cli import (
     claim_output_dir,
     run_main,
 )
+from transfer.common.engine import MODEL_DIR
 
 from .data import (
     ImageFolderError,
@@ -109,6 +110,7 @@ class ImageFolderConfig(RunFlags):
     max_steps: int | None = None
     lr: float = 3e-4
     weight_decay: float = 0.05
+    save_model: bool = False
 
 
 def _splits(cfg: ImageFolderConfig) -> tuple[list, list, list[str], list[str]]:
@@ -273,10 +275,13 @@ def run(cfg: ImageFolderConfig) -> dict:
         raise ImageFolderError(f"--mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
     if (cfg.val is None) == (cfg.holdout is None):
         raise ImageFolderError("give exactly one of --val DIR and --holdout FRACTION")
+    if cfg.save_model and cfg.mode != "finetune":
+        raise ImageFolderError(f"--save-model keeps a fine-tuned model; --mode {cfg.mode} trains none (its "
+                               "per-stage scores are in results.json)")
     check_positive(batch_size=cfg.batch_size, k=cfg.k, rescale_images=cfg.rescale_images, epochs=cfg.epochs,
                    max_steps=cfg.max_steps, image_size=cfg.image_size, labels_per_class=cfg.labels_per_class)
     check_source(cfg.model)  # a missing or half-written model fails before any data is read or folder made
-    markers = ("results.json", "checkpoints", PROBE_STATE)
+    markers = ("results.json", "checkpoints", PROBE_STATE, MODEL_DIR)
     out = check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite, markers=markers)
     # fine-tuning claims the folder in the engine's fit(); the probes hold it here
     claim = contextlib.nullcontext(out) if cfg.mode == "finetune" else claim_output_dir(
@@ -347,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate (one-cycle schedule)")
     ft.add_argument("--weight-decay", type=float, default=0.05)
     ft.add_argument("--checkpoint-every", type=int, default=1000, help="steps between resumable checkpoints")
+    ft.add_argument("--save-model", action="store_true",
+                    help="keep the fine-tuned classifier in OUTPUT_DIR/model/, a timm folder: "
+                         "timm.create_model('local-dir:OUTPUT_DIR/model', pretrained=True)")
     return p
 
 
