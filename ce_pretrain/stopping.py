@@ -18,16 +18,21 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 
 import torch
 
-__all__ = ["DUPLICATE_WINDOW_S", "StopRequest", "agreed", "describe", "exit_status", "forward_signals_to_children"]
+__all__ = ["DUPLICATE_WINDOW_S", "PARENT_ENV", "StopRequest", "agreed", "describe", "exit_status",
+           "forward_signals_to_children"]
 
 # a second signal this soon after the first is a copy of it, not a second request: launchers (torchrun, detectron2's
 # parent process, Slurm) forward or convert a signal that the terminal or the scheduler already sent every process
 DUPLICATE_WINDOW_S = 2.0
+# set by a parent that starts runs as child processes (the feature study) to its pid: the child is then stopped
+# (SIGTERM: it saves a checkpoint) when that parent dies, even by kill -9, instead of training on as an orphan
+PARENT_ENV = "CE_PRETRAIN_STOP_WITH_PARENT"
 
 
 class StopRequest:
@@ -60,6 +65,8 @@ class StopRequest:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: the caller handles signals
                 pass
+        if self._previous:
+            _stop_with_parent(self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -147,3 +154,21 @@ def forward_signals_to_children() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _stop_with_parent(handle) -> None:
+    """If the parent that started this process set :data:`PARENT_ENV`, have the kernel send SIGTERM when it dies
+    (Linux's ``PR_SET_PDEATHSIG``), and act on that at once if it is already gone. The variable is consumed, so
+    this process's own children do not inherit it. Elsewhere a parent's death leaves the run going, as before."""
+    parent = os.environ.pop(PARENT_ENV, None)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        if ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM)) != 0:  # 1: PR_SET_PDEATHSIG
+            return
+    except (OSError, AttributeError, ValueError):
+        return
+    if str(os.getppid()) != parent:  # it died before the request above was in place
+        handle(signal.SIGTERM, None)

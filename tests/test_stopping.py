@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 from ce_pretrain.stopping import DUPLICATE_WINDOW_S, StopRequest, agreed, describe, exit_status
 
@@ -74,3 +75,58 @@ def test_a_launch_parent_passes_signals_on_to_its_workers(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "worker stopping cleanly 143" in done.stdout and "parent done 0" in done.stdout
+
+
+CHILD = """
+import os, sys, time
+from ce_pretrain.stopping import PARENT_ENV, StopRequest
+with StopRequest() as stop:
+    assert PARENT_ENV not in os.environ  # consumed: its own children do not inherit it
+    open(sys.argv[1] + ".ready", "w").close()
+    while not stop.signal:
+        time.sleep(0.02)
+open(sys.argv[1], "w").write(str(stop.signal))
+"""
+
+PARENT = """
+import os, subprocess, sys
+from ce_pretrain.stopping import PARENT_ENV
+child = subprocess.Popen([sys.executable, sys.argv[1], sys.argv[2]], env={**os.environ, PARENT_ENV: str(os.getpid())})
+print(child.pid, flush=True)
+child.wait()
+"""
+
+
+def _wait_for(predicate, seconds):
+    deadline = time.time() + seconds
+    while not predicate() and time.time() < deadline:
+        time.sleep(0.05)
+    return predicate()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_a_child_of_a_parent_killed_by_sigkill_is_stopped_not_orphaned(tmp_path):
+    """The feature study starts its runs with PARENT_ENV; a study killed with kill -9 (an OOM killer, a scheduler
+    after its grace period) used to leave them training on, holding their folders' locks against the rerun."""
+    if not sys.platform.startswith("linux"):
+        import pytest
+
+        pytest.skip("PR_SET_PDEATHSIG is Linux's; elsewhere the child goes on as before")
+    (tmp_path / "child.py").write_text(CHILD)
+    done = tmp_path / "stopped"
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path / "child.py"), str(done)],
+                              stdout=subprocess.PIPE, text=True)
+    child_pid = int(parent.stdout.readline())
+    assert _wait_for(Path(f"{done}.ready").exists, 60), "the child never started"
+    parent.kill()  # SIGKILL: no handler of the parent runs
+    parent.wait()
+    assert _wait_for(done.exists, 30), "the orphan was not stopped"
+    assert done.read_text() == str(int(signal.SIGTERM))  # as a SIGTERM: a run saves its checkpoint and stops
+    assert _wait_for(lambda: _gone(child_pid), 10), "the child still runs"

@@ -29,6 +29,7 @@ import torch
 from ce_pretrain.atomic import write_text_atomic
 from ce_pretrain.checkpoint import latest_checkpoint, read_run_json
 from ce_pretrain.config import ConfigError
+from ce_pretrain.stopping import PARENT_ENV
 from transfer.study.budgets import (
     IMAGEFOLDER,
     METRIC,
@@ -190,7 +191,10 @@ _CHILDREN: set[subprocess.Popen] = set()  # the study's live pretraining and cel
 
 def _run_child(cmd: list[str], output) -> int:
     """Run ``cmd`` to its end with its output in ``output``; :func:`stop_children` can reach it meanwhile."""
-    child = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT)
+    # PARENT_ENV: if this study dies, even by kill -9, the child gets SIGTERM (saves a checkpoint, stops) rather
+    # than training on as an orphan that holds its folder's lock when the study is rerun
+    child = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT,
+                             env={**os.environ, PARENT_ENV: str(os.getpid())})
     _CHILDREN.add(child)
     code = child.wait()  # a stopping study interrupts this wait, and leaves the child to wait_children()
     _CHILDREN.discard(child)
