@@ -32,13 +32,20 @@ def test_masked_bce_ignores_difficult_labels():
 def test_end_to_end(setup, tmp_path, probe):
     model_dir, data = setup
     result = run(ClassificationConfig(model=str(model_dir), data_root=str(data), max_steps=2, batch_size=4,
-                                      test_crops=2, num_workers=0, linear_probe=probe, output_dir=str(tmp_path)))
+                                      test_crops=2, num_workers=0, linear_probe=probe, output_dir=str(tmp_path),
+                                      save_model=not probe))
     assert result["steps"] == 2 and result["test_images"] == 4
     assert set(result["per_class_AP"]) == set(VOC_CLASSES)
     present = [a for a in result["per_class_AP"].values() if a is not None]
     assert present and all(0 <= a <= 100 for a in present) and 0 <= result["mAP"] <= 100
     assert (tmp_path / "results.json").is_file() and (tmp_path / "logs/classification/metrics.csv").is_file()
     assert not (tmp_path / "checkpoints").exists()  # a finished run keeps no resumable state
+    if not probe:  # --save-model: the fine-tuned 20-way classifier as a timm folder, the VOC classes its labels
+        import timm
+
+        model = timm.create_model(f"local-dir:{tmp_path / 'model'}", pretrained=True)
+        assert model.pretrained_cfg["label_names"] == list(VOC_CLASSES) and model.num_classes == 20
+        assert result["model_dir"] == str(tmp_path / "model")
 
 
 def test_linear_probe_trains_only_the_linear_layer(setup):
@@ -61,6 +68,7 @@ def test_cli_errors_are_one_line_exit_2_before_any_work(setup, tmp_path, capsys)
         (["--model", str(tmp_path / "none"), "--data-root", data, *out], "checkpoint"),
         (["--model", model, "--data-root", data, "--max-steps", "0", *out], "--max-steps must be at least 1, got 0"),
         (["--model", model, "--data-root", data, "--output-dir", str(tmp_path / "file" / "sub")], "not writable"),
+        (["--model", model, "--data-root", data, "--linear-probe", "--save-model", *out], "--save-model keeps a"),
     ]
     for argv, pattern in cases:
         assert main(argv) == 2, argv

@@ -224,11 +224,10 @@ def test_a_saved_classifier_loads_in_timm_with_its_weights_classes_and_transform
     import timm
 
     from transfer.common import load_encoder
-    from transfer.imagefolder.finetune import save_timm_classifier
 
     ckpt = load_encoder("random:resnet18", 64, seed=1)
     model = ckpt.create_model(num_classes=3)
-    save_timm_classifier(model, tmp_path, ckpt, ["cat", "dog", "fox"], 64)
+    ckpt.save_classifier(model, tmp_path, ["cat", "dog", "fox"], 64)
     loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
     a, b = model.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

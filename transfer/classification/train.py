@@ -53,6 +53,7 @@ class ClassificationConfig(cli.RunFlags):
     lr: float = 3e-4
     weight_decay: float = 1e-4
     test_crops: int = 10
+    save_model: bool = False
 
 
 def _splits(cfg: ClassificationConfig) -> tuple[list[str], list[str]]:
@@ -133,6 +134,9 @@ def run(cfg: ClassificationConfig) -> dict:
     ``<output_dir>/results.json``."""
     cli.check_positive(max_steps=cfg.max_steps, epochs=cfg.epochs, batch_size=cfg.batch_size, test_crops=cfg.test_crops,
                    probe_grid=cfg.probe_grid)
+    if cfg.save_model and cfg.linear_probe:
+        raise cli.UsageError("--save-model keeps a fine-tuned timm classifier; a --linear-probe trains a head on a "
+                             "frozen pooled map, which is no timm model")
     check_source(cfg.model)  # a missing or half-written model fails before the data or the output folder
     cli.check_output_dir(cfg.output_dir, resume=cfg.resume is not None, overwrite=cfg.overwrite)
     set_seed(cfg.seed)
@@ -161,7 +165,9 @@ def run(cfg: ClassificationConfig) -> dict:
                 scheduler=lambda opt, total: torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=total,
                                                                                   pct_start=0.1),
                 config=asdict(cfg), info={"mode": mode, "model": cfg.model, "backbone": ckpt.backbone,
-                                          "train_images": len(train_set), "test_images": len(test_set)})
+                                          "train_images": len(train_set), "test_images": len(test_set)},
+                save=(lambda m, folder: ckpt.save_classifier(m, folder, list(VOC_CLASSES), size, multi_label=True))
+                if cfg.save_model else None)
     return fit(task, EngineConfig.from_flags(cfg))
 
 
@@ -173,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linear-probe", action="store_true", help="freeze the encoder, train a linear layer")
     p.add_argument("--probe-grid", type=int, default=2, help="linear probe: average-pool the map to grid²")
     p.add_argument("--test-crops", type=int, default=10)
+    p.add_argument("--save-model", action="store_true",
+                   help="keep the fine-tuned classifier (20 sigmoid outputs) in OUTPUT_DIR/model/, a timm folder: "
+                        "timm.create_model('local-dir:OUTPUT_DIR/model', pretrained=True)")
     cli.add_training_args(p, epochs=30, batch_size=32, lr=3e-4)
     return p
 

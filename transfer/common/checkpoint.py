@@ -80,6 +80,30 @@ class EncoderCheckpoint:
             model.reset_classifier(num_classes)
         return model
 
+    def save_classifier(self, model: nn.Module, folder: str | os.PathLike, classes: list[str], size: int,
+                        **notes) -> None:
+        """Write ``model`` (made by :meth:`create_model` with ``len(classes)`` outputs, then trained) as a timm
+        folder that ``timm.create_model("local-dir:FOLDER", pretrained=True)`` loads: ``model.safetensors`` and a
+        ``config.json`` naming the architecture, the classes (``label_names``) and the single-crop test transform
+        (``pretrained_cfg``: shorter side to size / 0.875, centre crop, this checkpoint's mean and std).
+
+        Args:
+            notes: more entries for the config's ``ce_pretrain`` section (e.g. ``multi_label=True``).
+        """
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(folder / "model.safetensors"))
+        config = {"architecture": self.backbone, "num_classes": len(classes), "label_names": list(classes),
+                  "pretrained_cfg": {"input_size": [3, size, size], "mean": list(self.mean), "std": list(self.std),
+                                     "crop_pct": 0.875, "crop_mode": "center", "interpolation": "bilinear",
+                                     "num_classes": len(classes), "label_names": list(classes)},
+                  "ce_pretrain": {"fine_tuned_from": self.source or self.backbone, **notes}}
+        if self.backbone_kwargs:
+            config["model_args"] = dict(self.backbone_kwargs)
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
 
 def _from_context_encoder(model, source: str) -> EncoderCheckpoint:
     from ce_pretrain.export import timm_encoder_state_dict

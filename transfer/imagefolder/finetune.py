@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,26 +14,7 @@ from transfer.common.engine import EngineConfig, Task, fit
 from .data import LabelledImages, eval_transform, train_transform
 from .probes import classification_metrics
 
-__all__ = ["finetune", "save_timm_classifier"]
-
-
-def save_timm_classifier(model: nn.Module, folder: Path, ckpt: EncoderCheckpoint, classes: list[str],
-                         size: int) -> None:
-    """Write ``model`` (the backbone with its ``len(classes)``-way classifier) as a timm folder that
-    ``timm.create_model("local-dir:FOLDER", pretrained=True)`` loads: ``model.safetensors`` and a ``config.json``
-    naming the architecture, the classes (``label_names``) and the test transform (``pretrained_cfg``)."""
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              str(folder / "model.safetensors"))
-    config = {"architecture": ckpt.backbone, "num_classes": len(classes), "label_names": list(classes),
-              "pretrained_cfg": {"input_size": [3, size, size], "mean": list(ckpt.mean), "std": list(ckpt.std),
-                                 "crop_pct": 0.875, "crop_mode": "center", "interpolation": "bilinear",
-                                 "num_classes": len(classes), "label_names": list(classes)},
-              "ce_pretrain": {"fine_tuned_from": ckpt.source or ckpt.backbone}}
-    if ckpt.backbone_kwargs:
-        config["model_args"] = dict(ckpt.backbone_kwargs)
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+__all__ = ["finetune"]
 
 
 @torch.no_grad()
@@ -80,7 +60,7 @@ def finetune(cfg, ckpt: EncoderCheckpoint, train: list, val: list, classes: list
                                       classes)
 
     def save(m: nn.Module, folder: Path) -> None:
-        save_timm_classifier(m, folder, ckpt, classes, size)
+        ckpt.save_classifier(m, folder, classes, size)
 
     task = Task(name="imagefolder-finetune", model=model, optimizer=optimizer,
                 train_set=LabelledImages(train, train_transform(size, ckpt.mean, ckpt.std)),
