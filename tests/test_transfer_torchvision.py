@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from ce_pretrain import ContextEncoder
-from transfer.common import VOCDetection, VOCSegmentation, load_encoder
+from transfer.common import CheckpointError, VOCDetection, VOCSegmentation, load_encoder
 from transfer.common.synthetic_voc import make_synthetic_voc
+from transfer.torchvision_det import load_detector
 from transfer.torchvision_det.model import build_faster_rcnn
 from transfer.torchvision_det.train import DetectionConfig, evaluate
 from transfer.torchvision_det.train import main as det_main
 from transfer.torchvision_det.train import run as run_det
+from transfer.torchvision_seg import load_segmenter
 from transfer.torchvision_seg.model import build_fcn
 from transfer.torchvision_seg.train import SegmentationConfig, _PairTransform
 from transfer.torchvision_seg.train import evaluate as evaluate_seg
@@ -62,11 +64,23 @@ def test_oracle_detector_scores_full_map(setup):
     assert evaluate(Oracle(), dataset)["mAP"] == pytest.approx(100.0)
 
 
-def test_detection_end_to_end(setup, tmp_path):
+def test_detection_end_to_end_and_the_kept_detector(setup, tmp_path):
     model_dir, data = setup
     result = run_det(DetectionConfig(model=str(model_dir), data_root=str(data), max_steps=2, min_size=64,
-                                     max_size=96, num_workers=0, output_dir=str(tmp_path)))
+                                     max_size=96, num_workers=0, output_dir=str(tmp_path), save_model=True))
     assert result["steps"] == 2 and 0 <= result["mAP"] <= 100 and result["test_images"] == 3
+    # --save-model: rebuilt from its folder alone, the detector scores the test images as the run reported
+    detector = load_detector(tmp_path / "model")
+    again = evaluate(detector, VOCDetection(data, 2007, "test", keep_difficult=True))
+    assert again["mAP"] == pytest.approx(result["mAP"], abs=1e-6)  # 0 after 2 steps: the weights say more
+    start = load_encoder(model_dir).state_dict
+    trained = {k[len("backbone.body.model."):]: v for k, v in detector.state_dict().items()
+               if k.startswith("backbone.body.model.")}
+    assert trained.keys() == start.keys() and any(not torch.equal(trained[k], start[k]) for k in start)
+    assert detector.transform.image_mean == list(load_encoder(model_dir).mean)
+    assert detector.transform.min_size == (64,) and detector.rpn._post_nms_top_n["testing"] == 1000
+    with pytest.raises(CheckpointError, match="not a torchvision-fcn"):
+        load_segmenter(tmp_path / "model")
 
 
 def test_fcn_carries_the_encoder_and_preprocessing(setup):
@@ -94,12 +108,17 @@ def test_oracle_segmenter_scores_full_miou(setup):
     assert evaluate_seg(Oracle(), dataset)["mIoU"] == pytest.approx(100.0)
 
 
-def test_segmentation_end_to_end(setup, tmp_path):
+def test_segmentation_end_to_end_and_the_kept_segmenter(setup, tmp_path):
     model_dir, data = setup
     result = run_seg(SegmentationConfig(model=str(model_dir), data_root=str(data), year=2007, train_split="train",
                                         test_split="val", max_steps=2, batch_size=2, num_workers=0,
-                                        output_dir=str(tmp_path)))
+                                        output_dir=str(tmp_path), save_model=True))
     assert result["steps"] == 2 and 0 <= result["mIoU"] <= 100 and result["test_images"] == 3
+    segmenter = load_segmenter(tmp_path / "model")
+    again = evaluate_seg(segmenter, VOCSegmentation(data, 2007, "val", transform=_PairTransform(None)))
+    assert again["mIoU"] == pytest.approx(result["mIoU"], abs=1e-6) and result["mIoU"] > 0
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_segmenter(tmp_path)
 
 
 def test_entry_points_run_from_any_directory_and_exit_2(tmp_path):

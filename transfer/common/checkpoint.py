@@ -24,7 +24,8 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-__all__ = ["CheckpointError", "EncoderCheckpoint", "check_source", "load_encoder", "load_strict"]
+__all__ = ["CheckpointError", "EncoderCheckpoint", "check_source", "load_encoder", "load_strict", "load_trained",
+           "save_trained"]
 
 RANDOM_PREFIX = "random:"
 
@@ -213,3 +214,58 @@ def load_encoder(source: str | os.PathLike, image_size: int | None = None, seed:
     except (IncompatibleCheckpointError, OSError, TypeError, ValueError) as err:  # OSError: no folder, Hub errors
         raise CheckpointError(f"cannot load ContextEncoder from {source!r}: {str(err).splitlines()[0]}") from None
     return _from_context_encoder(model, source)
+
+
+def save_trained(model: nn.Module, folder: str | os.PathLike, ckpt: EncoderCheckpoint, task: str,
+                 build: dict, label_names: list[str]) -> None:
+    """Write a trained transfer model that is no timm model (a torchvision detector or segmenter over the encoder)
+    as ``model.safetensors`` and a ``config.json`` holding what rebuilds it: the task, the encoder's architecture
+    and preprocessing, the builder's arguments (``build``) and the class names. :func:`load_trained` reads it."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(folder / "model.safetensors"))
+    config = {"ce_pretrain_task": task, "backbone": ckpt.backbone, "backbone_kwargs": dict(ckpt.backbone_kwargs),
+              "image_size": ckpt.image_size, "mean": list(ckpt.mean), "std": list(ckpt.std), "build": build,
+              "label_names": list(label_names), "fine_tuned_from": ckpt.source or ckpt.backbone}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def load_trained(folder: str | os.PathLike, task: str) -> tuple[dict, EncoderCheckpoint, dict[str, torch.Tensor]]:
+    """Read a folder written by :func:`save_trained` for ``task``.
+
+    Returns:
+        ``(config, skeleton, weights)``: the saved config; an :class:`EncoderCheckpoint` of the same architecture
+        and preprocessing (timm's initial weights: the builder needs some, ``weights`` then replace them all);
+        the saved state dict, to load strictly into the rebuilt model.
+
+    Raises:
+        CheckpointError: not such a folder, another task's, or unreadable weights (one line).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    import ce_pretrain  # noqa: F401  (registers the paper's encoders in timm)
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{str(folder)!r} holds no config.json: not a model saved with --save-model") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{str(folder / 'config.json')!r} cannot be read: {err}") from None
+    if not isinstance(config, dict) or config.get("ce_pretrain_task") != task:
+        found = config.get("ce_pretrain_task") if isinstance(config, dict) else None
+        raise CheckpointError(f"{str(folder)!r} holds {'a ' + found if found else 'no'} model saved by a transfer "
+                              f"run, not a {task}")
+    try:
+        weights = load_file(str(folder / "model.safetensors"))
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"{str(folder / 'model.safetensors')!r} cannot be read: {err}") from None
+    kwargs = dict(config.get("backbone_kwargs") or {})
+    encoder = timm.create_model(config["backbone"], pretrained=False, num_classes=0, **kwargs)
+    skeleton = EncoderCheckpoint(backbone=config["backbone"], state_dict=encoder.state_dict(),
+                                 image_size=int(config["image_size"]), mean=tuple(config["mean"]),
+                                 std=tuple(config["std"]), backbone_kwargs=kwargs, source=str(folder))
+    return config, skeleton, weights

@@ -10,7 +10,9 @@ from transfer.common.checkpoint import EncoderCheckpoint
 
 from .backbone import build_backbone
 
-__all__ = ["build_faster_rcnn"]
+__all__ = ["TASK", "build_faster_rcnn", "load_detector"]
+
+TASK = "torchvision-faster-rcnn"
 
 
 def build_faster_rcnn(ckpt: EncoderCheckpoint, num_classes: int = 21, fpn: bool | None = None,
@@ -34,3 +36,15 @@ def build_faster_rcnn(ckpt: EncoderCheckpoint, num_classes: int = 21, fpn: bool 
         kwargs.setdefault("box_roi_pool", MultiScaleRoIAlign(["0"], output_size=6, sampling_ratio=2))
     return FasterRCNN(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size,
                       image_mean=list(ckpt.mean), image_std=list(ckpt.std), **kwargs)
+
+
+def load_detector(folder) -> FasterRCNN:
+    """The detector a ``transfer.torchvision_det.train --save-model`` run kept in ``OUTPUT_DIR/model``, rebuilt and
+    loaded strictly, in eval mode: ``model([image])`` (RGB in [0, 1], ``[3, H, W]``) gives boxes, labels (1–20:
+    ``config["label_names"]``, 0 is the background) and scores."""
+    from transfer.common.checkpoint import load_strict, load_trained
+
+    config, skeleton, weights = load_trained(folder, TASK)
+    model = build_faster_rcnn(skeleton, **config["build"])
+    load_strict(model, weights, f"detector from {str(folder)!r}")
+    return model.eval()

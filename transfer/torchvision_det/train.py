@@ -19,12 +19,13 @@ import torch
 from accelerate.utils import set_seed
 
 from transfer.common import VOC_CLASSES, VOCDetection, check_source, cli, load_encoder
+from transfer.common.checkpoint import save_trained
 from transfer.common.cli import OneLineParser
 from transfer.common.engine import EngineConfig, Task, fit
 from transfer.common.voc import holdout_split, read_split, resolve_voc_dir
 from transfer.common.voc_ap import ap_summary, detection_ap, format_per_class
 
-from .model import build_faster_rcnn
+from .model import TASK, build_faster_rcnn
 
 __all__ = ["DetectionConfig", "evaluate", "run"]
 
@@ -49,6 +50,7 @@ class DetectionConfig(cli.RunFlags):
     lr: float = 0.01
     weight_decay: float = 1e-4
     output_dir: str = "runs/voc-detection"
+    save_model: bool = False
 
 
 def _flip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
@@ -106,8 +108,9 @@ def run(cfg: DetectionConfig) -> dict:
     test_set.check_files()
     train_set.ids = [i for i in train_set.ids if len(train_set.annotation(i).labels)]
     ckpt = load_encoder(cfg.model, seed=cfg.seed)
-    model = build_faster_rcnn(ckpt, len(VOC_CLASSES) + 1, cfg.fpn, cfg.min_size, cfg.max_size,
-                              rpn_post_nms_top_n_test=cfg.test_proposals)
+    build = {"num_classes": len(VOC_CLASSES) + 1, "fpn": cfg.fpn, "min_size": cfg.min_size, "max_size": cfg.max_size,
+             "rpn_post_nms_top_n_test": cfg.test_proposals}
+    model = build_faster_rcnn(ckpt, **build)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
@@ -125,7 +128,9 @@ def run(cfg: DetectionConfig) -> dict:
                 epochs=cfg.epochs, max_steps=cfg.max_steps, scheduler=schedule, collate_fn=_collate,
                 clip_grad_norm=10.0, config=asdict(cfg),
                 info={"model": cfg.model, "backbone": ckpt.backbone, "train_images": len(train_set),
-                      "test_images": len(test_set)})
+                      "test_images": len(test_set)},
+                save=(lambda m, folder: save_trained(m, folder, ckpt, TASK, build, list(VOC_CLASSES)))
+                if cfg.save_model else None)
     return fit(task, EngineConfig.from_flags(cfg))
 
 
@@ -139,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-size", type=int, default=600)
     p.add_argument("--max-size", type=int, default=1000)
     p.add_argument("--test-proposals", type=int, default=1000, help="RPN proposals kept per test image")
+    p.add_argument("--save-model", action="store_true",
+                   help="keep the trained detector in OUTPUT_DIR/model/ (transfer.torchvision_det.load_detector)")
     cli.add_training_args(p, epochs=12, batch_size=2, lr=0.01)
     return p
 

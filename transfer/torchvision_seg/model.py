@@ -11,7 +11,9 @@ from torchvision.models.segmentation.fcn import FCN, FCNHead
 from transfer.common.checkpoint import EncoderCheckpoint
 from transfer.common.features import TimmFeatures
 
-__all__ = ["FCNSegmenter", "build_fcn"]
+__all__ = ["TASK", "FCNSegmenter", "build_fcn", "load_segmenter"]
+
+TASK = "torchvision-fcn"
 
 
 class _OutBackbone(nn.Module):
@@ -47,3 +49,15 @@ class FCNSegmenter(nn.Module):
 
 def build_fcn(ckpt: EncoderCheckpoint, num_classes: int = 21) -> FCNSegmenter:
     return FCNSegmenter(ckpt, num_classes)
+
+
+def load_segmenter(folder) -> FCNSegmenter:
+    """The segmenter a ``transfer.torchvision_seg.train --save-model`` run kept in ``OUTPUT_DIR/model``, rebuilt and
+    loaded strictly, in eval mode: ``model(images)`` (RGB in [0, 1], ``[B, 3, H, W]``) gives ``[B, classes, H, W]``
+    logits, class 0 the background and the others ``config["label_names"]``."""
+    from transfer.common.checkpoint import load_strict, load_trained
+
+    config, skeleton, weights = load_trained(folder, TASK)
+    model = build_fcn(skeleton, **config["build"])
+    load_strict(model, weights, f"segmenter from {str(folder)!r}")
+    return model.eval()

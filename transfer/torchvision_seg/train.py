@@ -25,12 +25,13 @@ from torchvision.transforms import v2 as T
 from torchvision.tv_tensors import Image, Mask
 
 from transfer.common import VOC_CLASSES, VOCSegmentation, check_source, cli, load_encoder
+from transfer.common.checkpoint import save_trained
 from transfer.common.cli import OneLineParser
 from transfer.common.confusion import ConfusionMatrix
 from transfer.common.engine import EngineConfig, Task, fit
 from transfer.common.voc import IGNORE_INDEX, holdout_split, read_split, resolve_voc_dir
 
-from .model import build_fcn
+from .model import TASK, build_fcn
 
 __all__ = ["SegmentationConfig", "evaluate", "run"]
 
@@ -54,6 +55,7 @@ class SegmentationConfig(cli.RunFlags):
     lr: float = 1e-3
     weight_decay: float = 1e-4
     output_dir: str = "runs/voc-segmentation"
+    save_model: bool = False
 
 
 class _PairTransform:
@@ -123,7 +125,9 @@ def run(cfg: SegmentationConfig) -> dict:
                 epochs=cfg.epochs, max_steps=cfg.max_steps, drop_last=True,
                 scheduler=lambda opt, total: torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=total, power=0.9),
                 config=asdict(cfg), info={"model": cfg.model, "backbone": ckpt.backbone,
-                                          "train_images": len(train_set), "test_images": len(test_set)})
+                                          "train_images": len(train_set), "test_images": len(test_set)},
+                save=(lambda m, folder: save_trained(m, folder, ckpt, TASK, {"num_classes": NUM_CLASSES},
+                                                     list(VOC_CLASSES))) if cfg.save_model else None)
     return fit(task, EngineConfig.from_flags(cfg))
 
 
@@ -132,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_common_args(p, output_dir=SegmentationConfig.output_dir)
     cli.add_voc_args(p, year=2012, train_split="train_aug", test_split="val")
     p.add_argument("--crop-size", type=int, help="training crop (default: the pretraining size)")
+    p.add_argument("--save-model", action="store_true",
+                   help="keep the trained segmenter in OUTPUT_DIR/model/ (transfer.torchvision_seg.load_segmenter)")
     cli.add_training_args(p, epochs=30, batch_size=8, lr=1e-3)
     return p
 
