@@ -123,6 +123,20 @@ def test_knn_mode_end_to_end_writes_results(folders, tmp_path):
     assert saved["top1"] > 60  # colours separate even with random features; chance is 33 %
 
 
+@pytest.mark.parametrize("features", ["standardised", "raw"])
+def test_knn_features_are_standardised_or_raw_as_asked(folders, tmp_path, monkeypatch, features):
+    import transfer.imagefolder.train as train_mod
+
+    seen = []
+    real = train_mod.knn_scores
+    monkeypatch.setattr(train_mod, "knn_scores", lambda train, *a, **kw: seen.append(train) or real(train, *a, **kw))
+    result = run(_cfg(folders[0], folders[1], "knn", output_dir=str(tmp_path), knn_features=features))
+    assert len(seen) == 2 * len(result["stages"])  # the held-out split, then the test images, per stage
+    standardised = [bool(x.mean(0).abs().max() < 1e-4) for x in seen]
+    assert all(standardised) if features == "standardised" else not any(standardised)  # ReLU maps: mean > 0
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["knn_features"] == features
+
+
 def test_channel_health_counts_channels_no_probe_can_use():
     feats = torch.rand(10, 4, 2, 2)  # [N, C, g, g]: channel 1 dead, channel 2 the same everywhere
     feats[:, 1] = 0
@@ -256,6 +270,10 @@ def test_more_bad_input_is_one_line_and_exit_2(tmp_path, folders, capsys):
     assert main([*common, "--train", str(folders[0]), "--holdout", "0.2", "--mode", "linear", "--save-model"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--mode linear trains none" in err
+    assert main([*common, "--train", str(folders[0]), "--holdout", "0.2", "--mode", "linear", "--knn-features",
+                 "raw"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--knn-features is the kNN's; --mode linear does not use it" in err
     with pytest.raises(SystemExit) as stop:  # argparse's own errors exit from the parser
         main([*common, "--train", str(folders[0]), "--val", str(folders[1]), "--holdout", "0.2"])
     assert stop.value.code == 2
@@ -373,6 +391,8 @@ def test_a_probe_stopped_by_sigterm_resumes_with_only_the_missing_stages(folders
     assert list(saved["stages"]) == ["features.1", "features.5"]
     assert main(argv) == 2  # an earlier run is there: neither --resume nor --overwrite
     assert "--resume" in capsys.readouterr().err
+    del saved["settings"]["knn_features"]  # a file written before the flag existed resumes as before
+    (out / "probe-stages.json").write_text(json.dumps(saved))
     calls = _stop_during_stage(monkeypatch, call=10**6)
     assert main(argv + ["--resume"]) == 0
     assert len(calls) == 2 * 4  # only the four missing stages were scored

@@ -5,7 +5,7 @@ stage's map is average-pooled to about 9,000 values (``C · g² ≈ 9216``; fewe
 grid: at 99 px AlexNet's conv5 gives 6,400 and pool5 1,024), flattened and standardised with the training set's
 statistics. The kNN is Wu et al.'s (2018) weighted vote: cosine similarity, the k = 20 nearest training images,
 each voting ``exp(sim / 0.07)`` for its class; it runs on the standardised features too (InstDisc and DINO
-normalise the raw ones), so every stage's channels count alike whatever their scale.
+normalise the raw ones: ``--knn-features raw``), so every stage's channels count alike whatever their scale.
 """
 
 from __future__ import annotations
