@@ -362,3 +362,25 @@ def test_ported_tasks_give_the_numbers_of_their_old_loops(voc, tmp_path):
                                                    transform=seg._PairTransform(None)))
     got = seg.run(s)
     assert (got["mIoU"], got["final_loss"]) == (expected["mIoU"], pytest.approx(loss, rel=1e-12))
+
+
+def test_a_checkpoint_predating_a_setting_resumes_with_that_settings_default():
+    """Flags added later (e.g. --knn-features, 2026-12-05) must not make every older checkpoint 'of another run'."""
+    import dataclasses
+
+    from transfer.common.cli import UsageError
+    from transfer.common.engine import _check_same_run, _json_config
+
+    @dataclasses.dataclass
+    class Flags:
+        lr: float = 0.1
+        added_later: str = "old-behaviour"
+
+    config, defaults = _json_config(Flags())
+    _check_same_run({"lr": 0.1}, config, "checkpoint 'c'", defaults)  # written before added_later existed
+    config, defaults = _json_config(Flags(added_later="new"))
+    with pytest.raises(UsageError, match="--added-later was 'old-behaviour', now 'new'"):
+        _check_same_run({"lr": 0.1}, config, "checkpoint 'c'", defaults)
+    with pytest.raises(UsageError, match="--lr was 0.2, now 0.1"):  # a plain dict config: no defaults
+        config, defaults = _json_config({"lr": 0.1})
+        _check_same_run({"lr": 0.2}, config, "checkpoint 'c'", defaults)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from accelerate.utils import set_seed
@@ -164,7 +164,7 @@ def run(cfg: ClassificationConfig) -> dict:
                 batch_size=cfg.batch_size, loss=loss, evaluate=scores, epochs=cfg.epochs, max_steps=cfg.max_steps,
                 scheduler=lambda opt, total: torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=total,
                                                                                   pct_start=0.1),
-                config=asdict(cfg), info={"mode": mode, "model": cfg.model, "backbone": ckpt.backbone,
+                config=cfg, info={"mode": mode, "model": cfg.model, "backbone": ckpt.backbone,
                                           "train_images": len(train_set), "test_images": len(test_set)},
                 save=(lambda m, folder: ckpt.save_classifier(m, folder, list(VOC_CLASSES), size, multi_label=True))
                 if cfg.save_model else None)

@@ -87,7 +87,8 @@ class Task:
         collate_fn: ``DataLoader`` collate function.
         drop_last: drop the last incomplete batch of each epoch.
         clip_grad_norm: clip the gradient norm to this before each step.
-        config: the task's flags (JSON-typed), saved in ``results.json`` and checked on resume.
+        config: the task's flags (its config dataclass, or a JSON-typed dict), saved in ``results.json`` and
+            checked on resume; a dataclass's defaults stand for settings a checkpoint predates.
         info: more entries for ``results.json`` (e.g. the backbone, the number of test images).
         save: ``(model, folder) → None`` writes the trained (unwrapped) model into ``folder``, which the engine then
             puts in place as ``output_dir/model/`` in one rename, before ``results.json``; None: no model is kept.
@@ -106,7 +107,7 @@ class Task:
     collate_fn: Callable | None = None
     drop_last: bool = False
     clip_grad_norm: float | None = None
-    config: dict = field(default_factory=dict)
+    config: Any = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     save: Callable[[nn.Module, Path], None] | None = None
 
@@ -176,19 +177,27 @@ def _accelerator(cfg: EngineConfig, out: Path, task_name: str):
     return accelerator
 
 
-def _json_config(config: dict) -> dict:
-    return json.loads(json.dumps(config, default=str))
+def _json_config(config: Any) -> tuple[dict, dict]:
+    """``(config, defaults)`` as JSON values: a dataclass's fields and the defaults it declares (none for a dict)."""
+    defaults = {}
+    if dataclasses.is_dataclass(config):
+        defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+        config = dataclasses.asdict(config)
+    return tuple(json.loads(json.dumps(c, default=str)) for c in (config, defaults))
 
 
-def _check_same_run(saved: dict, config: dict, what: str) -> None:
-    differ = sorted(k for k in set(saved) | set(config) if k not in _RUN_KEYS and saved.get(k) != config.get(k))
+def _check_same_run(saved: dict, config: dict, what: str, defaults: dict | None = None) -> None:
+    """Refuse a checkpoint or finished run of other settings; a setting it predates reads as its default."""
+    defaults = defaults or {}
+    differ = sorted(k for k in set(saved) | set(config)
+                    if k not in _RUN_KEYS and saved.get(k, defaults.get(k)) != config.get(k))
     if differ:
         k = differ[0]
         raise UsageError(f"{what} is of another run: --{k.replace('_', '-')} was "
-                         f"{saved.get(k)!r}, now {config.get(k)!r} ({len(differ)} setting(s) differ)")
+                         f"{saved.get(k, defaults.get(k))!r}, now {config.get(k)!r} ({len(differ)} setting(s) differ)")
 
 
-def _finished_run(out: Path, config: dict) -> dict | None:
+def _finished_run(out: Path, config: dict, defaults: dict) -> dict | None:
     """The results of a finished run of this config in ``out`` (``--resume`` then has nothing to do), or None."""
     results = out / "results.json"
     if latest_checkpoint(out) is not None or not results.is_file():
@@ -199,7 +208,7 @@ def _finished_run(out: Path, config: dict) -> dict | None:
         return None
     if not (previous.get("complete") and isinstance(previous.get("config"), dict)):
         return None
-    _check_same_run(previous["config"], config, f"the finished run {str(results)!r}")
+    _check_same_run(previous["config"], config, f"the finished run {str(results)!r}", defaults)
     print(f"{results} holds the finished run; nothing to resume", file=sys.stderr)
     return previous
 
@@ -227,8 +236,8 @@ def _fit(task: Task, cfg: EngineConfig, out: Path) -> dict:
     from accelerate.utils import send_to_device
     from tqdm.auto import tqdm
 
-    config = _json_config(task.config)
-    finished = _finished_run(out, config) if cfg.resume == "latest" else None
+    config, defaults = _json_config(task.config)
+    finished = _finished_run(out, config, defaults) if cfg.resume == "latest" else None
     if finished is not None:
         return finished
     accelerator = _accelerator(cfg, out, task.name)
@@ -256,7 +265,7 @@ def _fit(task: Task, cfg: EngineConfig, out: Path) -> dict:
             accelerator.print(f"no checkpoint in {out / CHECKPOINTS}; starting from scratch")
     if checkpoint is not None:
         state, tensors = load_snapshot(accelerator, checkpoint, accelerator.unwrap_model(model), optimizer)
-        _check_same_run(state["config"], config, f"checkpoint {str(checkpoint)!r}")
+        _check_same_run(state["config"], config, f"checkpoint {str(checkpoint)!r}", defaults)
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
         if accelerator.scaler is not None and state.get("scaler"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -67,7 +66,7 @@ def finetune(cfg, ckpt: EncoderCheckpoint, train: list, val: list, classes: list
                 batch_size=cfg.batch_size, loss=loss, evaluate=evaluate, epochs=cfg.epochs, max_steps=cfg.max_steps,
                 scheduler=lambda opt, total: torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=total,
                                                                                  pct_start=0.1),
-                drop_last=len(train) > cfg.batch_size, config=asdict(cfg), save=save if cfg.save_model else None)
+                drop_last=len(train) > cfg.batch_size, config=cfg, save=save if cfg.save_model else None)
     result = fit(task, EngineConfig.from_flags(cfg))
     result.pop("config", None)
     return {**result, "rescale": rescale_report}

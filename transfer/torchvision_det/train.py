@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -126,7 +126,7 @@ def run(cfg: DetectionConfig) -> dict:
     task = Task(name="detection", model=model, optimizer=optimizer, train_set=train_set, batch_size=cfg.batch_size,
                 loss=loss, evaluate=lambda model, device: evaluate(model, test_set, cfg.num_workers, device),
                 epochs=cfg.epochs, max_steps=cfg.max_steps, scheduler=schedule, collate_fn=_collate,
-                clip_grad_norm=10.0, config=asdict(cfg),
+                clip_grad_norm=10.0, config=cfg,
                 info={"model": cfg.model, "backbone": ckpt.backbone, "train_images": len(train_set),
                       "test_images": len(test_set)},
                 save=(lambda m, folder: save_trained(m, folder, ckpt, TASK, build, list(VOC_CLASSES)))

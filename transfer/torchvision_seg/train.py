@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -124,7 +124,7 @@ def run(cfg: SegmentationConfig) -> dict:
                 loss=loss, evaluate=lambda model, device: evaluate(model, test_set, device=device),
                 epochs=cfg.epochs, max_steps=cfg.max_steps, drop_last=True,
                 scheduler=lambda opt, total: torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=total, power=0.9),
-                config=asdict(cfg), info={"model": cfg.model, "backbone": ckpt.backbone,
+                config=cfg, info={"model": cfg.model, "backbone": ckpt.backbone,
                                           "train_images": len(train_set), "test_images": len(test_set)},
                 save=(lambda m, folder: save_trained(m, folder, ckpt, TASK, {"num_classes": NUM_CLASSES},
                                                      list(VOC_CLASSES))) if cfg.save_model else None)
