@@ -8,6 +8,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from ce_pretrain.stopping import DUPLICATE_WINDOW_S, StopRequest, agreed, describe, exit_status
 
 
@@ -116,8 +118,6 @@ def test_a_child_of_a_parent_killed_by_sigkill_is_stopped_not_orphaned(tmp_path)
     """The feature study starts its runs with PARENT_ENV; a study killed with kill -9 (an OOM killer, a scheduler
     after its grace period) used to leave them training on, holding their folders' locks against the rerun."""
     if not sys.platform.startswith("linux"):
-        import pytest
-
         pytest.skip("PR_SET_PDEATHSIG is Linux's; elsewhere the child goes on as before")
     (tmp_path / "child.py").write_text(CHILD)
     done = tmp_path / "stopped"

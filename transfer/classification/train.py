@@ -165,7 +165,7 @@ def run(cfg: ClassificationConfig) -> dict:
                 scheduler=lambda opt, total: torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=total,
                                                                                   pct_start=0.1),
                 config=cfg, info={"mode": mode, "model": cfg.model, "backbone": ckpt.backbone,
-                                          "train_images": len(train_set), "test_images": len(test_set)},
+                                  "train_images": len(train_set), "test_images": len(test_set)},
                 save=(lambda m, folder: ckpt.save_classifier(m, folder, list(VOC_CLASSES), size, multi_label=True))
                 if cfg.save_model else None)
     return fit(task, EngineConfig.from_flags(cfg))

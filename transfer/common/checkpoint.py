@@ -91,11 +91,6 @@ class EncoderCheckpoint:
         Args:
             notes: more entries for the config's ``ce_pretrain`` section (e.g. ``multi_label=True``).
         """
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  str(folder / "model.safetensors"))
         config = {"architecture": self.backbone, "num_classes": len(classes), "label_names": list(classes),
                   "pretrained_cfg": {"input_size": [3, size, size], "mean": list(self.mean), "std": list(self.std),
                                      "crop_pct": 0.875, "crop_mode": "center", "interpolation": "bilinear",
@@ -103,7 +98,7 @@ class EncoderCheckpoint:
                   "ce_pretrain": {"fine_tuned_from": self.source or self.backbone, **notes}}
         if self.backbone_kwargs:
             config["model_args"] = dict(self.backbone_kwargs)
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        _write_model_folder(model, folder, config)
 
 
 def _from_context_encoder(model, source: str) -> EncoderCheckpoint:
@@ -221,14 +216,19 @@ def save_trained(model: nn.Module, folder: str | os.PathLike, ckpt: EncoderCheck
     """Write a trained transfer model that is no timm model (a torchvision detector or segmenter over the encoder)
     as ``model.safetensors`` and a ``config.json`` holding what rebuilds it: the task, the encoder's architecture
     and preprocessing, the builder's arguments (``build``) and the class names. :func:`load_trained` reads it."""
+    config = {"ce_pretrain_task": task, "backbone": ckpt.backbone, "backbone_kwargs": dict(ckpt.backbone_kwargs),
+              "image_size": ckpt.image_size, "mean": list(ckpt.mean), "std": list(ckpt.std), "build": build,
+              "label_names": list(label_names), "fine_tuned_from": ckpt.source or ckpt.backbone}
+    _write_model_folder(model, folder, config)
+
+
+def _write_model_folder(model: nn.Module, folder: str | os.PathLike, config: dict) -> None:
+    """``model.safetensors`` (the state dict, on the CPU) and ``config.json`` in ``folder``."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
               str(folder / "model.safetensors"))
-    config = {"ce_pretrain_task": task, "backbone": ckpt.backbone, "backbone_kwargs": dict(ckpt.backbone_kwargs),
-              "image_size": ckpt.image_size, "mean": list(ckpt.mean), "std": list(ckpt.std), "build": build,
-              "label_names": list(label_names), "fine_tuned_from": ckpt.source or ckpt.backbone}
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 

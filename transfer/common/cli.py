@@ -32,7 +32,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from ce_pretrain.atomic import ensure_writable_dir
@@ -50,6 +50,7 @@ __all__ = [
     "check_output_dir",
     "check_positive",
     "claim_output_dir",
+    "declared_defaults",
     "parse_duration",
     "run_main",
     "stop_message",
@@ -159,6 +160,15 @@ def add_common_args(parser: argparse.ArgumentParser, *, output_dir: str | None =
                        help="comma-separated trackers: csv (built in), tensorboard, wandb, ... (any accelerate "
                             "tracker), or none")
     return parser
+
+
+def declared_defaults(config: object) -> dict:
+    """The defaults a config dataclass declares, by field (``{}`` for anything else): what a run saved before a
+    flag existed did, so that its checkpoint or stage file still matches a run with that flag at its default."""
+    try:
+        return {f.name: f.default for f in fields(config) if f.default is not MISSING}
+    except TypeError:  # not a dataclass
+        return {}
 
 
 @dataclass(kw_only=True)

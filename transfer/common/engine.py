@@ -51,7 +51,7 @@ from torch import nn
 from ce_pretrain.atomic import remove_dir, replace_dir, write_text_atomic
 from ce_pretrain.stopping import StopRequest, agreed, describe
 
-from .cli import RunInterrupted, UsageError, check_positive, claim_output_dir
+from .cli import RunInterrupted, UsageError, check_positive, claim_output_dir, declared_defaults
 from .sampler import ResumableRandomSampler
 from .snapshot import CHECKPOINTS, latest_checkpoint, load_snapshot, restore_generators, save_snapshot
 
@@ -179,9 +179,8 @@ def _accelerator(cfg: EngineConfig, out: Path, task_name: str):
 
 def _json_config(config: Any) -> tuple[dict, dict]:
     """``(config, defaults)`` as JSON values: a dataclass's fields and the defaults it declares (none for a dict)."""
-    defaults = {}
+    defaults = declared_defaults(config)
     if dataclasses.is_dataclass(config):
-        defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
         config = dataclasses.asdict(config)
     return tuple(json.loads(json.dumps(c, default=str)) for c in (config, defaults))
 

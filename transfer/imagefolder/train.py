@@ -28,7 +28,7 @@ import contextlib
 import json
 import sys
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,6 +49,7 @@ from transfer.common.cli import (
     check_output_dir,
     check_positive,
     claim_output_dir,
+    declared_defaults,
     run_main,
 )
 from transfer.common.engine import MODEL_DIR
@@ -184,8 +185,7 @@ def _finished_stages(cfg: ImageFolderConfig, out: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UsageError(f"--resume: cannot read {str(path)!r} ({err}); pass --overwrite to start afresh") from None
     now = _probe_settings(cfg)
-    # a setting added since the file was written reads as its default (what that run did)
-    defaults = {f.name: f.default for f in fields(cfg) if f.default is not MISSING}
+    defaults = declared_defaults(cfg)  # a setting added since the file was written: what that run did
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k, defaults.get(k)) != now.get(k))
     if changed:
         raise UsageError(f"--resume: {str(path)!r} was written with other settings ({', '.join(changed)}); pass "

@@ -125,7 +125,7 @@ def run(cfg: SegmentationConfig) -> dict:
                 epochs=cfg.epochs, max_steps=cfg.max_steps, drop_last=True,
                 scheduler=lambda opt, total: torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=total, power=0.9),
                 config=cfg, info={"model": cfg.model, "backbone": ckpt.backbone,
-                                          "train_images": len(train_set), "test_images": len(test_set)},
+                                  "train_images": len(train_set), "test_images": len(test_set)},
                 save=(lambda m, folder: save_trained(m, folder, ckpt, TASK, {"num_classes": NUM_CLASSES},
                                                      list(VOC_CLASSES))) if cfg.save_model else None)
     return fit(task, EngineConfig.from_flags(cfg))
